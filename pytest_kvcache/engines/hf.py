@@ -1,0 +1,176 @@
+"""Continuous batching on a transformers model, with the KV cache owned by the strategy's slot storage.
+
+Each iteration admits the requests that have arrived while free slots (the KV memory limit) allow, prefills each
+new one, then runs one batched decode step for every running request, stamping every token as it is produced.
+Greedy decoding ignores EOS so output lengths are what the trace says.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from transformers import AttentionInterface
+
+from pytest_kvcache.errors import KVConfigError
+from pytest_kvcache.metrics import RequestRecord, RunResult
+from pytest_kvcache.models import LoadedModel
+from pytest_kvcache.strategies.base import KVStrategy, SlotCache
+from pytest_kvcache.traces import Trace
+
+ATTENTION_NAME = "pytest_kvcache"
+
+
+def kv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, kv_step=None, **kwargs):
+    """transformers attention function: hands q/k/v of one layer to the strategy's cache (prefill or decode)."""
+    cache, slot = kv_step
+    if slot is None:
+        out = cache.decode(module.layer_idx, query, key, value, scaling)
+    else:
+        out = cache.prefill(module.layer_idx, slot, query, key, value, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, kv_attention)
+
+
+@contextmanager
+def strategy_attention(model: LoadedModel) -> Iterator[None]:
+    """Route the model's attention through kv_attention for the duration of a run, then restore it."""
+    previous = model.config._attn_implementation
+    model.model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        model.model.set_attn_implementation(previous)
+
+
+@dataclass
+class _Running:
+    record: RequestRecord
+    remaining: int
+    last_token: int
+
+
+class HFEngine:
+    """Replays a trace through a transformers model under one KV strategy."""
+
+    def __init__(self, model: LoadedModel, strategy: KVStrategy, max_batch: int = 32, kv_limit_bytes: int | None = None):
+        if max_batch < 1:
+            raise KVConfigError(f"max_batch must be >= 1, got {max_batch}")
+        if kv_limit_bytes is not None and kv_limit_bytes <= 0:
+            raise KVConfigError(f"kv_limit_bytes must be > 0, got {kv_limit_bytes}")
+        self.model = model
+        self.strategy = strategy
+        self.max_batch = max_batch
+        self.kv_limit_bytes = kv_limit_bytes
+        self.cache: SlotCache | None = None
+
+    def _check(self, trace: Trace) -> None:
+        max_pos = self.model.config.max_position_embeddings
+        for r in trace.requests:
+            if r.context_tokens > max_pos:
+                raise KVConfigError(
+                    f"request {r.id}: {r.context_tokens} tokens exceed model {self.model.name!r}'s {max_pos} positions"
+                )
+            if max(r.prompt_ids) >= self.model.vocab_size:
+                raise KVConfigError(
+                    f"request {r.id}: token id {max(r.prompt_ids)} >= vocab size {self.model.vocab_size} of {self.model.name!r}"
+                )
+
+    def plan_slots(self, trace: Trace) -> tuple[int, int]:
+        """(slots, tokens per slot): the KV limit buys as many slots as fit, the strategy sets their size."""
+        self._check(trace)
+        slot_tokens = max(self.strategy.capacity(r) for r in trace.requests)
+        n_slots = min(self.max_batch, len(trace))
+        if self.kv_limit_bytes is not None:
+            slot_bytes = slot_tokens * self.model.kv_bytes_per_token
+            n_slots = min(n_slots, self.kv_limit_bytes // slot_bytes)
+            if n_slots < 1:
+                raise KVConfigError(
+                    f"kv_limit_bytes={self.kv_limit_bytes} cannot hold one request: {self.strategy.label()} needs "
+                    f"{slot_tokens} tokens x {self.model.kv_bytes_per_token} B = {slot_bytes} B; raise the limit or lower the budget"
+                )
+        return n_slots, slot_tokens
+
+    def _forward(self, ids: torch.Tensor, slot: int | None) -> torch.Tensor:
+        positions = torch.zeros_like(ids)
+        out = self.model.model(
+            input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1, kv_step=(self.cache, slot)
+        )
+        return out.logits[:, -1].argmax(dim=-1)
+
+    @torch.inference_mode()
+    def run(self, trace: Trace, on_token: Callable[[int], None] | None = None) -> RunResult:
+        """Replay the trace in real time; returns per-request records, wall duration and KV counters."""
+        n_slots, slot_tokens = self.plan_slots(trace)
+        self.cache = self.strategy.make_cache(self.model, n_slots, slot_tokens)
+        cache = self.cache
+        pending = deque(sorted(trace.requests, key=lambda r: r.arrival_s))
+        waiting: deque = deque()
+        running: list[_Running] = []
+        records: list[RequestRecord] = []
+        device = self.model.device
+        with strategy_attention(self.model):
+            t0 = time.perf_counter()
+
+            def clock() -> float:
+                return time.perf_counter() - t0
+
+            while pending or waiting or running:
+                now = clock()
+                while pending and pending[0].arrival_s <= now:
+                    waiting.append(pending.popleft())
+                if not running and not waiting:
+                    time.sleep(max(0.0, pending[0].arrival_s - now))
+                    continue
+                while waiting and len(running) < n_slots:
+                    request = waiting.popleft()
+                    slot = len(running)
+                    record = RequestRecord(request.id, request.arrival_s, len(request.prompt_ids), scheduled_s=clock())
+                    records.append(record)
+                    cache.admit(slot, request)
+                    ids = torch.tensor([request.prompt_ids], device=device)
+                    token = int(self._forward(ids, slot)[0])
+                    cache.finish_prefill(slot, len(request.prompt_ids))
+                    record.token_times_s.append(clock())
+                    record.output_ids.append(token)
+                    running.append(_Running(record, request.max_new_tokens - 1, token))
+                    if on_token:
+                        on_token(1)
+                    self._retire(running)
+                if not running:
+                    continue
+                cache.begin_decode(len(running))
+                ids = torch.tensor([[r.last_token] for r in running], device=device)
+                tokens = self._forward(ids, None).tolist()
+                cache.finish_decode()
+                stamp = clock()
+                for r, token in zip(running, tokens):
+                    r.record.token_times_s.append(stamp)
+                    r.record.output_ids.append(token)
+                    r.last_token = token
+                    r.remaining -= 1
+                if on_token:
+                    on_token(len(running))
+                self._retire(running)
+            duration = clock()
+        return RunResult(records, duration, cache.counters)
+
+    def _retire(self, running: list[_Running]) -> None:
+        """Release finished requests, moving the last running slot into each hole."""
+        i = 0
+        while i < len(running):
+            if running[i].remaining > 0:
+                i += 1
+                continue
+            last = len(running) - 1
+            self.cache.release(i)
+            if i != last:
+                self.cache.move(last, i)
+                running[i] = running[last]
+            running.pop()
