@@ -95,7 +95,7 @@ def _gpu_workload(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
-def calibrate(device: torch.device | str = "cpu", repeats: int = 7) -> float:
+def calibrate(device: torch.device | str = "cpu", repeats: int = 31) -> float:
     """Median seconds of a fixed workload; time metrics are compared relative to it (slower machine != regression)."""
     device = torch.device(device)
     run = (lambda: _gpu_workload(device)) if device.type == "cuda" else _cpu_workload

@@ -86,6 +86,7 @@ def _tiny() -> LlamaConfig:
         max_position_embeddings=4096,
         rope_theta=10000.0,
         tie_word_embeddings=False,
+        initializer_range=0.1,
     )
 
 

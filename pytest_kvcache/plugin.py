@@ -34,6 +34,7 @@ MARKERS = {
     "gpu": "gpu: needs a CUDA device; runs only with --gpu",
     "quality": "quality: measures output quality on real weights (slow on CPU)",
     "sweep": "sweep: part of the characterization sweep (many configurations)",
+    "kv_models": "kv_models(*names): models to parametrize kv_model with when --kv-model is not given",
     "kv_strategies": "kv_strategies(*specs): strategies to parametrize kv_strategy with, e.g. 'streaming:budget=0.5'",
     "kv_thresholds": "kv_thresholds(**metric_thresholds): per-test regression thresholds, e.g. ttft_ms=0.5",
 }
@@ -75,7 +76,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "(default: off, CPU only)")
     group.addoption("--kv-model", metavar="NAMES", type=_model_names, default=None,
                     help=f"comma-separated models for tests using kv_model: {', '.join(MODELS)} or 'all' "
-                         "(default: tiny)")
+                         "(default: each test's kv_models marker, else tiny)")
     group.addoption("--kv-strategy", metavar="SPEC", type=_strategy, action="append", default=None,
                     help="run suites with these strategies instead of their own list, e.g. "
                          "'streaming:budget=0.2,sinks=4'; repeatable (default: each suite's list)")
@@ -202,7 +203,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize kv_model from --kv-model and kv_strategy from the kv_strategies marker or --kv-strategy."""
     config = metafunc.config
     if "kv_model" in metafunc.fixturenames and not _directly_parametrized(metafunc, "kv_model"):
-        names = config.getoption("kv_model") or ["tiny"]
+        marker = metafunc.definition.get_closest_marker("kv_models")
+        names = config.getoption("kv_model") or (list(marker.args) if marker else ["tiny"])
+        for name in names:
+            get_spec(name)
         metafunc.parametrize("kv_model", names, indirect=True, ids=names)
     if "kv_strategy" in metafunc.fixturenames and not _directly_parametrized(metafunc, "kv_strategy"):
         override = config.getoption("kv_strategy")

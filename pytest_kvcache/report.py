@@ -33,7 +33,7 @@ def _value(m: Measurement, metric: str, scale: float = 1.0, digits: int = 1) -> 
     return f"{representative(metric, m.metrics[metric]) / scale:.{digits}f}"
 
 
-SUMMARY_HEADERS = ["test", "strategy", "TTFT p50 ms", "TPOT p50 ms", "E2E p50 ms", "out tok/s", "KV peak MiB",
+SUMMARY_HEADERS = ["test", "TTFT p50 ms", "TPOT p50 ms", "E2E p50 ms", "out tok/s", "KV peak MiB",
                    "evicted tok", "preempt", "verdict"]
 
 
@@ -44,7 +44,6 @@ def summary_table(outcomes: list[Outcome], fmt: str = "simple") -> str:
         m = o.measurement
         rows.append([
             m.test_id,
-            m.config.get("strategy", "-"),
             _value(m, "ttft_ms"),
             _value(m, "tpot_ms", digits=2),
             _value(m, "e2e_ms"),

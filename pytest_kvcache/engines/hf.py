@@ -20,7 +20,7 @@ from pytest_kvcache.errors import KVConfigError
 from pytest_kvcache.metrics import RequestRecord, RunResult
 from pytest_kvcache.models import LoadedModel
 from pytest_kvcache.strategies.base import KVStrategy, SlotCache
-from pytest_kvcache.traces import Trace
+from pytest_kvcache.traces import Request, Trace
 
 ATTENTION_NAME = "pytest_kvcache"
 
@@ -50,10 +50,22 @@ def strategy_attention(model: LoadedModel) -> Iterator[None]:
 
 
 @dataclass
-class _Running:
+class _Sequence:
+    """A request in flight: its record, tokens still to generate, and a host copy while swapped out."""
+
+    request: Request
     record: RequestRecord
     remaining: int
-    last_token: int
+    saved: object | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self.request.prompt_ids) + self.record.output_ids
+
+    def emit(self, token: int, stamp: float) -> None:
+        self.record.output_ids.append(token)
+        self.record.token_times_s.append(stamp)
+        self.remaining -= 1
 
 
 class HFEngine:
@@ -111,66 +123,102 @@ class HFEngine:
         self.cache = self.strategy.make_cache(self.model, n_slots, slot_tokens)
         cache = self.cache
         pending = deque(sorted(trace.requests, key=lambda r: r.arrival_s))
-        waiting: deque = deque()
-        running: list[_Running] = []
+        waiting: deque[_Sequence] = deque()
+        running: list[_Sequence] = []
         records: list[RequestRecord] = []
-        device = self.model.device
         with strategy_attention(self.model):
+            hooks = cache.attach(self.model)
             t0 = time.perf_counter()
 
             def clock() -> float:
                 return time.perf_counter() - t0
 
-            while pending or waiting or running:
-                now = clock()
-                while pending and pending[0].arrival_s <= now:
-                    waiting.append(pending.popleft())
-                if not running and not waiting:
-                    time.sleep(max(0.0, pending[0].arrival_s - now))
-                    continue
-                while waiting and len(running) < n_slots:
-                    request = waiting.popleft()
-                    slot = len(running)
-                    record = RequestRecord(request.id, request.arrival_s, len(request.prompt_ids), scheduled_s=clock())
-                    records.append(record)
-                    cache.admit(slot, request)
-                    ids = torch.tensor([request.prompt_ids], device=device)
-                    token = int(self._forward(ids, slot)[0])
-                    cache.finish_prefill(slot, len(request.prompt_ids))
-                    record.token_times_s.append(clock())
-                    record.output_ids.append(token)
-                    running.append(_Running(record, request.max_new_tokens - 1, token))
-                    if on_token:
-                        on_token(1)
-                    self._retire(running)
-                if not running:
-                    continue
-                cache.begin_decode(len(running))
-                ids = torch.tensor([[r.last_token] for r in running], device=device)
-                tokens = self._forward(ids, None).tolist()
-                cache.finish_decode()
-                stamp = clock()
-                for r, token in zip(running, tokens):
-                    r.record.token_times_s.append(stamp)
-                    r.record.output_ids.append(token)
-                    r.last_token = token
-                    r.remaining -= 1
-                if on_token:
-                    on_token(len(running))
-                self._retire(running)
-            duration = clock()
+            try:
+                while pending or waiting or running:
+                    now = clock()
+                    while pending and pending[0].arrival_s <= now:
+                        request = pending.popleft()
+                        record = RequestRecord(request.id, request.arrival_s, len(request.prompt_ids))
+                        records.append(record)
+                        waiting.append(_Sequence(request, record, request.max_new_tokens))
+                    if not running and not waiting:
+                        time.sleep(max(0.0, pending[0].arrival_s - now))
+                        continue
+                    self._admit(waiting, running, clock, on_token)
+                    if running:
+                        self._preempt_for_room(waiting, running)
+                    if running:
+                        self._decode(running, clock, on_token)
+                duration = clock()
+            finally:
+                for hook in hooks:
+                    hook.remove()
         return RunResult(records, duration, cache.counters)
 
-    def _retire(self, running: list[_Running]) -> None:
-        """Release finished requests, moving the last running slot into each hole."""
+    def _admit(self, waiting: deque, running: list, clock: Callable[[], float], on_token) -> None:
+        """Admit waiting requests while the cache has room: swapped ones come back, others are (re)prefilled."""
+        cache = self.cache
+        while waiting and cache.can_admit(len(running), len(waiting[0].tokens)):
+            seq = waiting.popleft()
+            slot = len(running)
+            running.append(seq)
+            if seq.record.scheduled_s is None:
+                seq.record.scheduled_s = clock()
+            if seq.saved is not None:
+                cache.resume(slot, seq.saved)
+                seq.saved = None
+                continue
+            tokens = seq.tokens
+            cache.admit(slot, seq.request)
+            token = int(self._forward(torch.tensor([tokens], device=self.model.device), slot)[0])
+            cache.finish_prefill(slot, len(tokens))
+            seq.emit(token, clock())
+            if on_token:
+                on_token(1)
+            self._retire(running)
+
+    def _preempt_for_room(self, waiting: deque, running: list) -> None:
+        """Preempt the latest-arrived running requests until the next decode step fits (vLLM's policy)."""
+        while self.cache.make_room(len(running)) > 0:
+            if len(running) == 1:
+                raise KVConfigError(
+                    f"request {running[0].request.id} alone does not fit in the KV memory limit "
+                    f"({self.kv_limit_bytes} B); raise kv_limit_bytes"
+                )
+            victim = max(range(len(running)), key=lambda i: (running[i].request.arrival_s, i))
+            seq = running[victim]
+            seq.saved = self.cache.preempt(victim)
+            self.cache.counters.preemptions += 1
+            self._remove(running, victim)
+            waiting.appendleft(seq)
+
+    def _decode(self, running: list, clock: Callable[[], float], on_token) -> None:
+        cache = self.cache
+        cache.begin_decode(len(running))
+        ids = torch.tensor([[seq.record.output_ids[-1]] for seq in running], device=self.model.device)
+        tokens = self._forward(ids, None).tolist()
+        cache.finish_decode()
+        stamp = clock()
+        for seq, token in zip(running, tokens):
+            seq.emit(token, stamp)
+        if on_token:
+            on_token(len(running))
+        self._retire(running)
+
+    def _remove(self, running: list, i: int) -> None:
+        """Drop running[i], moving the last running request into its slot so slots stay contiguous."""
+        last = len(running) - 1
+        if i != last:
+            self.cache.move(last, i)
+            running[i] = running[last]
+        running.pop()
+
+    def _retire(self, running: list) -> None:
+        """Release finished requests."""
         i = 0
         while i < len(running):
             if running[i].remaining > 0:
                 i += 1
                 continue
-            last = len(running) - 1
             self.cache.release(i)
-            if i != last:
-                self.cache.move(last, i)
-                running[i] = running[last]
-            running.pop()
+            self._remove(running, i)

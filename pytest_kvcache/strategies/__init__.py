@@ -1,15 +1,19 @@
-"""Strategy registry: names users type (`streaming:budget=0.2,sinks=4`) to configured policies."""
+"""Strategy registry: names users type (`streaming:budget=0.2,sinks=4`) to configured policies.
+
+Every module in this package is imported once; each KVStrategy subclass with a `name` registers itself.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 
 from pytest_kvcache.errors import KVConfigError
-from pytest_kvcache.strategies.base import KVStrategy
-from pytest_kvcache.strategies.full import Full
-from pytest_kvcache.strategies.streaming import Streaming
+from pytest_kvcache.strategies.base import STRATEGIES, KVStrategy
 
-STRATEGIES: dict[str, type[KVStrategy]] = {cls.name: cls for cls in (Full, Streaming)}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def _value(text: str) -> int | float | str:

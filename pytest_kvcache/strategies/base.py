@@ -90,6 +90,26 @@ class SlotCache:
         """cos/sin (B, L, D) for integer positions (B, L), from the model's own rotary embedding."""
         return self.rotary(self.v, positions)
 
+    def attach(self, model: LoadedModel) -> list:
+        """Register forward hooks a policy needs (e.g. speculation from a layer's input); the engine removes them."""
+        return []
+
+    def can_admit(self, running: int, tokens: int) -> bool:
+        """Whether one more request of `tokens` tokens fits next to `running` ones (slots reserve their maximum)."""
+        return running < self.n_slots
+
+    def make_room(self, batch: int) -> int:
+        """How many running requests must be preempted before a decode step of `batch`; slots never need to."""
+        return 0
+
+    def preempt(self, slot: int) -> object | None:
+        """Free a running request's KV; return what resume() needs (a host copy) or None to recompute it."""
+        raise NotImplementedError(f"{type(self).__name__} reserves whole slots and never preempts")
+
+    def resume(self, slot: int, saved: object) -> None:
+        """Bring a preempted request's KV back from its host copy into `slot`."""
+        raise NotImplementedError(f"{type(self).__name__} reserves whole slots and never preempts")
+
     def admit(self, slot: int, request: Request) -> None:
         self.kept[slot] = 0
         self.seen[slot] = 0
@@ -166,12 +186,23 @@ class SlotCache:
         self.step = None
 
 
+STRATEGIES: dict[str, type[KVStrategy]] = {}
+
+
 @dataclass(frozen=True)
 class KVStrategy:
-    """A KV-cache policy: its parameters, how many slot tokens a request needs, and the cache that applies it."""
+    """A KV-cache policy: its parameters, how many slot tokens a request needs, and the cache that applies it.
 
-    name: ClassVar[str] = "full"
+    Subclasses set `name` and `cache_class` and register themselves by name for parse_strategy().
+    """
+
+    name: ClassVar[str] = ""
     cache_class: ClassVar[type[SlotCache]] = SlotCache
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            STRATEGIES[cls.name] = cls
 
     def capacity(self, request: Request) -> int:
         return request.context_tokens

