@@ -95,32 +95,65 @@ class HFEngine:
                 )
 
     def plan_slots(self, trace: Trace) -> tuple[int, int]:
-        """(slots, tokens per slot): the KV limit buys as many slots as fit, the strategy sets their size."""
+        """(slots, tokens per slot): the KV limit buys as many slots as fit, the strategy sets their size.
+        Strategies that do not reserve whole slots (paged) get one slot per request and apply the limit themselves."""
         self._check(trace)
         slot_tokens = max(self.strategy.capacity(r) for r in trace.requests)
         n_slots = min(self.max_batch, len(trace))
-        if self.kv_limit_bytes is not None:
-            slot_bytes = slot_tokens * self.model.kv_bytes_per_token
+        if self.kv_limit_bytes is not None and self.strategy.reserves_slots:
+            slot_bytes = self.strategy.slot_bytes(self.model, slot_tokens)
             n_slots = min(n_slots, self.kv_limit_bytes // slot_bytes)
             if n_slots < 1:
                 raise KVConfigError(
                     f"kv_limit_bytes={self.kv_limit_bytes} cannot hold one request: {self.strategy.label()} needs "
-                    f"{slot_tokens} tokens x {self.model.kv_bytes_per_token} B = {slot_bytes} B; raise the limit or lower the budget"
+                    f"{slot_tokens} tokens in {slot_bytes} B; raise the limit or lower the budget"
                 )
         return n_slots, slot_tokens
 
-    def _forward(self, ids: torch.Tensor, slot: int | None) -> torch.Tensor:
+    def _logits(self, ids: torch.Tensor, slot: int | None) -> torch.Tensor:
+        """Last-position logits (B, vocab) of one forward through the strategy's cache (slot None = decode)."""
         positions = torch.zeros_like(ids)
         out = self.model.model(
             input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1, kv_step=(self.cache, slot)
         )
-        return out.logits[:, -1].argmax(dim=-1)
+        return out.logits[:, -1]
+
+    def _forward(self, ids: torch.Tensor, slot: int | None) -> torch.Tensor:
+        return self._logits(ids, slot).argmax(dim=-1)
+
+    @torch.inference_mode()
+    def score(self, tokens: list[int], prefill_tokens: int) -> list[float]:
+        """Log-probabilities of tokens[prefill_tokens:], fed one at a time through the strategy's cache
+        (teacher forcing), so perplexity reflects what the policy kept at every step."""
+        if not 1 <= prefill_tokens < len(tokens):
+            raise KVConfigError(f"prefill_tokens must be in [1, {len(tokens) - 1}], got {prefill_tokens}")
+        request = Request("score", 0.0, tuple(tokens[:prefill_tokens]), len(tokens) - prefill_tokens)
+        self._check(Trace((request,)))
+        self.cache = self.strategy.make_cache(self.model, 1, self.strategy.capacity(request))
+        cache, device = self.cache, self.model.device
+        with strategy_attention(self.model):
+            hooks = cache.attach(self.model)
+            try:
+                cache.admit(0, request)
+                logits = self._logits(torch.tensor([tokens[:prefill_tokens]], device=device), 0)
+                cache.finish_prefill(0, prefill_tokens)
+                scores = [float(torch.log_softmax(logits.float(), dim=-1)[0, tokens[prefill_tokens]])]
+                for position in range(prefill_tokens, len(tokens) - 1):
+                    cache.begin_decode(1)
+                    logits = self._logits(torch.tensor([[tokens[position]]], device=device), None)
+                    cache.finish_decode()
+                    scores.append(float(torch.log_softmax(logits.float(), dim=-1)[0, tokens[position + 1]]))
+                cache.release(0)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+        return scores
 
     @torch.inference_mode()
     def run(self, trace: Trace, on_token: Callable[[int], None] | None = None) -> RunResult:
         """Replay the trace in real time; returns per-request records, wall duration and KV counters."""
         n_slots, slot_tokens = self.plan_slots(trace)
-        self.cache = self.strategy.make_cache(self.model, n_slots, slot_tokens)
+        self.cache = self.strategy.make_cache(self.model, n_slots, slot_tokens, self.kv_limit_bytes)
         cache = self.cache
         pending = deque(sorted(trace.requests, key=lambda r: r.arrival_s))
         waiting: deque[_Sequence] = deque()

@@ -198,6 +198,7 @@ class KVStrategy:
 
     name: ClassVar[str] = ""
     cache_class: ClassVar[type[SlotCache]] = SlotCache
+    reserves_slots: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -207,7 +208,13 @@ class KVStrategy:
     def capacity(self, request: Request) -> int:
         return request.context_tokens
 
-    def make_cache(self, model: LoadedModel, n_slots: int, slot_tokens: int) -> SlotCache:
+    def slot_bytes(self, model: LoadedModel, slot_tokens: int) -> int:
+        """Device bytes one slot of `slot_tokens` allocates; the KV memory limit buys slots at this price."""
+        return slot_tokens * model.kv_bytes_per_token
+
+    def make_cache(self, model: LoadedModel, n_slots: int, slot_tokens: int,
+                   kv_limit_bytes: int | None = None) -> SlotCache:
+        """The cache for one run; slot-reserving strategies are already sized by the limit (see HFEngine.plan_slots)."""
         return self.cache_class(self, model, n_slots, slot_tokens)
 
     def params(self) -> dict:
