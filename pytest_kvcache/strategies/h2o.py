@@ -1,0 +1,212 @@
+"""H2O: heavy hitters plus recent tokens, chosen by accumulated attention.
+
+Follows Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models"
+(NeurIPS 2023): Algorithm 1 (the greedy H2 eviction policy), as the FMInference/H2O reference code applies it in
+`h2o_hf/utils_real_drop/modify_llama.py` (`H2OKVCache_LayerWise`, the variant that really drops KV; the
+`utils_hh` port only masks attention and saves no memory, FMInference/H2O issue 6):
+
+- score: per layer and KV head, the softmax attention each cached token receives, summed over query rows and
+  accumulated over steps without normalisation (`_update_hh_score`);
+- prefill: full causal attention over the prompt; its column sums are the first scores; a prompt longer than the
+  budget is cut at once to the `recent` newest tokens plus the top-`heavy` by score among the rest (`__call__`);
+- decode: the new token attends to the kept tokens and itself (budget + 1), scores are added, then the one
+  lowest-scoring token outside the recent window is evicted (equal to keeping top-`heavy` of heavy + 1);
+- keys are stored after RoPE at their original positions (no re-positioning, like the full cache).
+
+Deliberate differences, each for a reason:
+- GQA (the reference is MHA only): a KV head's score is the sum of the scores of the query heads that share it.
+- heavy = floor(heavy_ratio * budget) and recent = budget - heavy of each request's budget (the reference takes
+  ratios of the prompt length); the default budget 0.2 with heavy_ratio 0.5 matches its 10% + 10% default.
+- scores accumulate in float32 per request (the reference keeps them in fp16, summed over the batch of one);
+  ties go to the lowest cell index (the reference's topk leaves them unspecified).
+- the new token's K/V is written into one spare slot cell before attention so decode uses the same SDPA call as
+  the full cache (exact tokens at budget 1.0); the spare cell is then moved into the evicted token's cell, so
+  slots hold budget + 1 cells, which is the reference's own transient size (it concatenates, then drops one).
+- prefill column sums are computed in query chunks, never materialising the P x P matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pytest_kvcache.errors import KVConfigError
+from pytest_kvcache.strategies.base import KVStrategy, SlotCache, budget_tokens, parse_budget, rope
+from pytest_kvcache.traces import Request
+
+
+def prefill_scores(q: torch.Tensor, k: torch.Tensor, scale: float, max_elements: int = 2**26) -> torch.Tensor:
+    """Causal-softmax column sums (kv_heads, P) float32 of q (q_heads, P, D) on k (kv_heads, P, D), query heads
+    of a group summed per KV head; query rows go in chunks of at most `max_elements` probabilities."""
+    q_heads, length, dim = q.shape
+    kv_heads = k.shape[0]
+    grouped = q.reshape(kv_heads, q_heads // kv_heads, length, dim) * scale
+    scores = torch.zeros(kv_heads, length, dtype=torch.float32, device=q.device)
+    rows = max(1, max_elements // (q_heads * length))
+    for start in range(0, length, rows):
+        end = min(length, start + rows)
+        logits = grouped[:, :, start:end] @ k[:, None, :end].transpose(-1, -2)
+        future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
+        logits[..., start:].masked_fill_(future, -math.inf)
+        scores[:, :end] += torch.softmax(logits, dim=-1, dtype=torch.float32).sum(dim=(1, 2))
+    return scores
+
+
+def decode_scores(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention (B, kv_heads, S) float32 of one query q (B, q_heads, 1, D) on keys (B, kv_heads, S, D)
+    under mask valid (B, 1, 1, S), query heads of a group summed per KV head."""
+    batch, q_heads, _, dim = q.shape
+    kv_heads = keys.shape[1]
+    logits = (q.reshape(batch, kv_heads, q_heads // kv_heads, dim) * scale) @ keys.transpose(-1, -2)
+    return torch.softmax(logits.masked_fill(~valid, -math.inf), dim=-1, dtype=torch.float32).sum(dim=2)
+
+
+def keep_heavy_recent(scores: torch.Tensor, heavy: int, recent: int) -> torch.Tensor:
+    """H2O's rule on token-ordered scores (H, N): indices (H, heavy + recent) of the `recent` newest tokens and the
+    `heavy` highest-scoring among the others, in token order; needs N >= heavy + recent."""
+    heads, n = scores.shape
+    top = scores[:, : n - recent].topk(heavy, dim=-1).indices.sort(dim=-1).values
+    newest = torch.arange(n - recent, n, device=scores.device).expand(heads, recent)
+    return torch.cat([top, newest], dim=-1)
+
+
+class H2OCache(SlotCache):
+    """Slot layout: cells [0, kept) hold each KV head's kept tokens in any order, with their accumulated score and
+    original position in `score`/`pos` (layers, slots, kv_heads, slot_tokens); cell `budget` is the spare cell."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        shape = self.k.shape[:-1]
+        self.score = torch.zeros(shape, dtype=torch.float32, device=self.k.device)
+        self.pos = torch.zeros(shape, dtype=torch.int32, device=self.k.device)
+        self.budget = [0] * self.n_slots
+        self.recent = [0] * self.n_slots
+
+    def admit(self, slot: int, request: Request) -> None:
+        super().admit(slot, request)
+        self.budget[slot] = self.strategy.tokens(request)
+        self.recent[slot] = self.strategy.split(request)[1]
+
+    def move(self, src: int, dst: int) -> None:
+        n = self.kept[src]
+        self.score[:, dst, :, :n] = self.score[:, src, :, :n]
+        self.pos[:, dst, :, :n] = self.pos[:, src, :, :n]
+        self.budget[dst], self.recent[dst] = self.budget[src], self.recent[src]
+        super().move(src, dst)
+
+    def prefill(
+        self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Full causal attention over the prompt (as the full cache), then keep heavy + recent by its column sums."""
+        length = q.shape[2]
+        cos, sin = self.angles(torch.arange(length, device=q.device).unsqueeze(0))
+        q_rot, k_rot = rope(q, cos, sin), rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True, scale=scale, enable_gqa=True)
+        scores = prefill_scores(q_rot[0], k_rot[0], scale)
+        budget, recent = self.budget[slot], self.recent[slot]
+        if length > budget:
+            keep = keep_heavy_recent(scores, budget - recent, recent)
+        else:
+            keep = torch.arange(length, device=q.device).expand(k.shape[1], length)
+        n = keep.shape[1]
+        cells = keep.unsqueeze(-1).expand(-1, -1, k.shape[-1])
+        self.k[layer, slot, :, :n] = k_rot[0].gather(1, cells)
+        self.v[layer, slot, :, :n] = v[0].gather(1, cells)
+        self.score[layer, slot, :, :n] = scores.gather(1, keep)
+        self.pos[layer, slot, :, :n] = keep.to(self.pos.dtype)
+        return out
+
+    def kept_after_prefill(self, slot: int, prompt_tokens: int) -> int:
+        return min(prompt_tokens, self.budget[slot])
+
+    def begin_decode(self, batch: int) -> None:
+        """The full cache's step (new token at cell `kept`), plus which slots are full, where their window starts,
+        and flat cell indices (B, kv_heads) into one layer's (slots * kv_heads * slot_tokens) cells."""
+        super().begin_decode(batch)
+        device, heads = self.v.device, self.k.shape[2]
+        full = [self.kept[s] >= self.budget[s] for s in range(batch)]
+        rows = torch.arange(batch, device=device).unsqueeze(1) * heads + torch.arange(heads, device=device)
+        new_cell = rows * self.slot_tokens + self.step.write_index.unsqueeze(1)
+        window_start = [self.seen[s] + 1 - self.recent[s] for s in range(batch)]
+        self.step.extra.update(
+            row_start=rows * self.slot_tokens,
+            new_cell=new_cell,
+            source=new_cell.view(-1),
+            position=torch.tensor(self.seen[:batch], dtype=self.pos.dtype, device=device).unsqueeze(1),
+            full=torch.tensor(full, device=device).unsqueeze(1),
+            valid=self.step.mask[:, 0],
+            window_start=torch.tensor(window_start, device=device).view(batch, 1, 1),
+            evicts=any(full),
+        )
+
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attend exactly as the full cache, add this step's attention to the scores, evict where the budget is full."""
+        step, extra = self.step, self.step.extra
+        rows, write = torch.arange(step.batch, device=q.device), step.write_index
+        q_rot, k_rot = rope(q, step.query_cos, step.query_sin), rope(k, step.query_cos, step.query_sin)
+        self.k[layer, rows, :, write] = k_rot[:, :, 0]
+        self.v[layer, rows, :, write] = v[:, :, 0]
+        self.score[layer].view(-1).index_fill_(0, extra["source"], 0.0)
+        self.pos[layer].view(-1)[extra["new_cell"]] = extra["position"]
+        keys = self.k[layer, : step.batch, :, : step.span]
+        values = self.v[layer, : step.batch, :, : step.span]
+        out = F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=step.mask, scale=scale, enable_gqa=True)
+        self.score[layer, : step.batch, :, : step.span].add_(decode_scores(q_rot, keys, step.mask, scale))
+        if extra["evicts"]:
+            self._evict(layer)
+        return out
+
+    def _evict(self, layer: int) -> None:
+        """Per full slot and KV head, move the new token's cell onto the lowest-scoring token outside the window."""
+        step, extra = self.step, self.step.extra
+        score = self.score[layer, : step.batch, :, : step.span]
+        pos = self.pos[layer, : step.batch, :, : step.span]
+        candidate = extra["valid"] & (pos < extra["window_start"])
+        victim = torch.where(candidate, score, math.inf).argmin(dim=-1)
+        target = torch.where(extra["full"], extra["row_start"] + victim, extra["new_cell"]).view(-1)
+        for buffer in (self.k, self.v, self.score, self.pos):
+            cells = buffer[layer].flatten(0, 2)
+            cells.index_copy_(0, target, cells.index_select(0, extra["source"]))
+
+    def finish_decode(self) -> None:
+        for slot in range(self.step.batch):
+            kept_before = self.kept[slot]
+            self.seen[slot] += 1
+            self.kept[slot] = min(kept_before + 1, self.budget[slot])
+            self._account(slot, kept_before, 1)
+        self.step = None
+
+
+@dataclass(frozen=True)
+class H2O(KVStrategy):
+    """budget: fraction of each request's context in (0, 1] or a token count (paper: 0.2);
+    heavy_ratio: fraction of the budget for heavy hitters in [0, 1], the rest is the recent window (paper: 0.5)."""
+
+    name = "h2o"
+    cache_class = H2OCache
+    budget: float | int = 0.2
+    heavy_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", parse_budget(self.budget))
+        ratio = self.heavy_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise KVConfigError(f"h2o: heavy_ratio must be a fraction of the budget in [0, 1], got {ratio!r}")
+        object.__setattr__(self, "heavy_ratio", float(ratio))
+
+    def tokens(self, request: Request) -> int:
+        """Tokens the request keeps once its budget is reached."""
+        return budget_tokens(self.budget, request, minimum=2)
+
+    def split(self, request: Request) -> tuple[int, int]:
+        """(heavy, recent) token counts; floor as the reference's int(ratio * length), robust to float error."""
+        tokens = self.tokens(request)
+        heavy = int(self.heavy_ratio * tokens + 1e-9)
+        return heavy, tokens - heavy
+
+    def capacity(self, request: Request) -> int:
+        """The budget plus the spare cell the incoming token occupies during a step, never more than the context."""
+        return min(self.tokens(request) + 1, request.context_tokens)
