@@ -1,0 +1,398 @@
+"""InfiniGen: speculative fetch of the important KV from host memory, one layer ahead.
+
+Follows Lee et al., "InfiniGen: Efficient Generative Inference of Large Language Models with Dynamic KV Cache
+Management" (OSDI 2024), Section 4 (offline skewing, prefill-time partial query/key columns, decode-time
+speculation and prefetch), and the snu-comparch/InfiniGen reference code:
+- skewing (`accuracy/setup/gen_llama_skewing_matrix.py`, `speedup/infinigen/infinigen/skewing_controller.py`):
+  per head, the SVD Q = U S V^T of a warm-up prompt's queries gives an orthogonal A (V's columns, placed by the
+  order of s_q * s_k), so (QA)(KA)^T = QK^T while a few columns of QA carry most of the magnitude.
+  RoPE: Llama rotates q/k after the projection, so the reference cannot fold A into W_q/W_k as it does for OPT;
+  `modeling_llama_ours.py` takes the SVD of the *rotated* warm-up q/k and applies A to rotated q/k in the
+  speculation path only. We do the same: real attention never sees A and is the `full` computation.
+- partial columns (`partial_weight_generation_controller.py`): at each request's prefill, per head the
+  `int(head_dim * partial_ratio)` columns with the largest sum of |QA| over the prompt; the partial key cache
+  (those columns of KA for every cached token) stays on the device.
+- speculation (`kv_selection_controller.speculate_attention`): layer i's attention input (after
+  input_layernorm, read by a pre-hook on layer i's self_attn) times layer i+1's query weight, rotated to the
+  query position, skewed and cut to the partial columns, against layer i+1's partial keys gives approximate
+  logits (scaled like real ones); per head, count tokens with logit > max - alpha, average the count over
+  heads, cap it at the budget (`max_num_kv`) and take that many top tokens per head. Layers 0-1 are dense
+  (reference: `layer_id > 1` speculate).
+- fetch (`flex_opt.py` `prefetch_cache`, `select_kv`): the whole KV lives in host memory (pinned on CUDA);
+  the chosen tokens of layer i+1 are gathered into a pinned staging buffer and copied to the device on a side
+  stream while layer i computes; the dense layers copy their whole KV every step, as FlexGen's `load_cache`
+  does for them. On CPU the device buffers are separate CPU tensors, so the copy still happens.
+
+Deliberate differences, and why:
+- Warm-up: one fixed prompt of seeded random token ids (WARMUP_TOKENS), run once per model at attach() and
+  memoised, not the reference's PG-19 book excerpt: no text ships for random-weight models, and the package's
+  own text is what the quality suites prompt with.
+- GQA (the reference models are multi-head): heads sharing one KV head share one A (SVD of their stacked
+  queries), one set of partial columns (summed |QA| over the group) and one token selection (the group's max
+  speculated logit), so each KV head is fetched once; with one query head per KV head this is the reference.
+- The average over heads that sets how many tokens to fetch is per request (the reference averages over the
+  whole batch, whose requests all have the same length in FlexGen); the chosen tokens are sorted by position so
+  that fetching everything reproduces `full` bit for bit.
+- The host pool is never evicted (the reference's default capacity 1.0), so no token is ever lost.
+
+Counters: tokens stay "resident" in the host store (no eviction); bytes_to_host counts every stored token's K
+and V; bytes_to_device counts exactly the K and V rows copied to the device. recall() reports how many of the
+true top-k tokens (k = the number speculated, ranked by the real logits of layer i+1 over all cached keys) the
+speculation fetched; it should become a metric.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from pytest_kvcache.errors import KVConfigError
+from pytest_kvcache.models import LoadedModel
+from pytest_kvcache.strategies.base import KVStrategy, SlotCache, budget_tokens, parse_budget, rope
+from pytest_kvcache.traces import Request
+
+DENSE_LAYERS = 2
+WARMUP_TOKENS = 512
+WARMUP_SEED = 0
+_SKEW: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def skewing_matrices(q_rot: torch.Tensor, k_rot: torch.Tensor) -> torch.Tensor:
+    """Orthogonal A per KV head from warm-up q (Hq, P, D) and k (Hkv, P, D), P >= D; returns (Hkv, D, D) float32.
+
+    As gen_llama_skewing_matrix.py: A[:, ind[j]] = V_q[:, j] with ind = argsort(s_q * s_k) ascending.
+    """
+    kv_heads, _, dim = k_rot.shape
+    queries = q_rot.float().reshape(kv_heads, -1, dim)
+    _, s_q, vh_q = torch.linalg.svd(queries, full_matrices=False)
+    s_k = torch.linalg.svdvals(k_rot.float())
+    ind = (s_q * s_k).argsort(dim=-1)
+    skew = torch.zeros(kv_heads, dim, dim, device=q_rot.device)
+    return skew.scatter(-1, ind[:, None, :].expand(kv_heads, dim, dim), vh_q.mT)
+
+
+def select_tokens(scores: torch.Tensor, alpha: float, cap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfiniGen's fetch rule on speculated logits (B, H, T) (-inf where no token) with per-request caps (B,).
+
+    Per request: n = min(int(mean over heads of #{logit > max - alpha}), cap); each head takes its top n tokens.
+    Returns chosen positions (B, H, n_max), ascending, padded with T, and n (B,).
+    """
+    length = scores.shape[-1]
+    over = (scores > scores.amax(-1, keepdim=True) - alpha).sum(-1)
+    count = torch.minimum(over.float().mean(-1).long(), cap)
+    widest = int(count.max())
+    order = scores.topk(widest, dim=-1).indices
+    valid = torch.arange(widest, device=scores.device) < count[:, None, None]
+    return torch.where(valid, order, length).sort(dim=-1).values, count
+
+
+class _WarmupRecorder:
+    """Stands in for the cache during the warm-up prefill: causal attention with RoPE, keeping rotated q/k."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.rotary = model.model.model.rotary_emb
+        self.q: dict[int, torch.Tensor] = {}
+        self.k: dict[int, torch.Tensor] = {}
+
+    def prefill(self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+        cos, sin = self.rotary(v, torch.arange(q.shape[2], device=q.device).unsqueeze(0))
+        q_rot, k_rot = rope(q, cos, sin), rope(k, cos, sin)
+        self.q[layer], self.k[layer] = q_rot[0], k_rot[0]
+        return F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True, scale=scale, enable_gqa=True)
+
+
+def skewing(model: LoadedModel) -> torch.Tensor:
+    """Skewing matrices (layers, Hkv, D, D) of a model from its warm-up prompt, computed once per model.
+
+    Runs the model once, so it must be called while the engine routes attention to the strategy cache.
+    """
+    if model.model not in _SKEW:
+        length = min(max(WARMUP_TOKENS, model.head_dim), model.config.max_position_embeddings)
+        generator = torch.Generator().manual_seed(WARMUP_SEED)
+        ids = torch.randint(model.vocab_size, (1, length), generator=generator).to(model.device)
+        recorder = _WarmupRecorder(model)
+        with torch.no_grad():
+            model.model(input_ids=ids, position_ids=torch.zeros_like(ids), use_cache=False, logits_to_keep=1,
+                        kv_step=(recorder, 0))
+        layers = [skewing_matrices(recorder.q[i], recorder.k[i]) for i in range(model.num_layers)]
+        _SKEW[model.model] = torch.stack(layers).to(model.dtype)
+    return _SKEW[model.model]
+
+
+@dataclass
+class _Fetch:
+    """One layer's KV on the device for this step: `count` (B,) rows of `keys`/`values` (B, Hkv, >n_max, D), the
+    chosen positions (B, Hkv, n_max), and the side-stream event plus index tensors kept alive until it is waited."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    chosen: torch.Tensor
+    count: torch.Tensor
+    event: torch.cuda.Event | None
+    index: tuple[torch.Tensor, ...]
+
+
+class InfiniGenCache(SlotCache):
+    """Host store of every token's K/V; device holds two fetch buffers and the partial key cache.
+
+    Shapes: host_k/host_v (layers, slots, Hkv, host_tokens, D) on the host (host_tokens grows to the longest
+    context admitted); k/v (2, slots, Hkv, slot_tokens, D) fetch buffers of the speculated layers on the device,
+    alternating by layer parity (layer i+1 fills one while layer i reads the other); the dense layers' whole KV is
+    copied into a fresh (B, Hkv, span + 1, D) tensor each step; partial_keys (sparse layers, slots, Hkv,
+    host_tokens, d') and partial_index (sparse layers, slots, Hkv, d') on the device, d' = head_dim * ratio.
+    A fetched layer holds a request's chosen tokens at 0..n-1 in position order and the current token at n.
+    """
+
+    def __init__(self, strategy: InfiniGen, model: LoadedModel, n_slots: int, slot_tokens: int) -> None:
+        super().__init__(strategy, model, n_slots, 0)
+        self.slot_tokens = slot_tokens
+        device, dtype = model.device, model.dtype
+        self.kv_heads, self.head_dim = model.num_kv_heads, model.head_dim
+        self.groups = model.config.num_attention_heads // self.kv_heads
+        self.dense = min(DENSE_LAYERS, model.num_layers)
+        self.partial = max(1, int(self.head_dim * strategy.partial_ratio))
+        self.pinned = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.pinned else None
+        self.events: list[torch.cuda.Event | None] = [None, None]
+        self.k = torch.zeros((2, n_slots, self.kv_heads, slot_tokens, self.head_dim), dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.new_k = torch.zeros((model.num_layers, n_slots, self.kv_heads, self.head_dim), dtype=dtype, device=device)
+        self.new_v = torch.zeros_like(self.new_k)
+        index_shape = (model.num_layers - self.dense, n_slots, self.kv_heads, self.partial)
+        self.partial_index = torch.zeros(index_shape, dtype=torch.long, device=device)
+        self.host_tokens = 0
+        self._grow(0)
+        self.skew: torch.Tensor | None = None
+        self.attn = [layer.self_attn for layer in model.model.model.layers]
+        self.recall_hits = [0] * model.num_layers
+        self.recall_total = [0] * model.num_layers
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Device bytes: the two fetch buffers, the partial key cache and its column index (host store excluded)."""
+        tensors = (self.k, self.v, self.partial_keys, self.partial_index, self.new_k, self.new_v)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def recall(self, layer: int | None = None) -> float:
+        """Fraction of the true top-k tokens that speculation fetched (over all sparse layers, or one); nan if none."""
+        hits = sum(self.recall_hits) if layer is None else self.recall_hits[layer]
+        total = sum(self.recall_total) if layer is None else self.recall_total[layer]
+        return hits / total if total else math.nan
+
+    def _grow(self, tokens: int) -> None:
+        """Reallocate the host store, staging buffers and partial keys for `tokens` per slot, keeping contents."""
+        old = self.host_tokens
+        shape = (self.model.num_layers, self.n_slots, self.kv_heads, tokens, self.head_dim)
+        host_k = torch.zeros(shape, dtype=self.model.dtype, pin_memory=self.pinned)
+        host_v = torch.zeros(shape, dtype=self.model.dtype, pin_memory=self.pinned)
+        partial_keys = torch.zeros((shape[0] - self.dense, *shape[1:4], self.partial), dtype=self.model.dtype,
+                                   device=self.model.device)
+        if old:
+            host_k[..., :old, :] = self.host_k
+            host_v[..., :old, :] = self.host_v
+            partial_keys[..., :old, :] = self.partial_keys
+        self.host_k, self.host_v, self.partial_keys = host_k, host_v, partial_keys
+        rows = self.n_slots * self.kv_heads * tokens
+        self.staging = torch.empty((2, 2, rows, self.head_dim), dtype=self.model.dtype, pin_memory=self.pinned)
+        self.host_tokens = tokens
+
+    def attach(self, model: LoadedModel) -> list:
+        """Skewing from the warm-up, and a pre-hook on layer i's attention that speculates layer i+1."""
+        self.skew = skewing(model)
+        return [
+            self.attn[layer - 1].register_forward_pre_hook(partial(self._speculate_hook, layer), with_kwargs=True)
+            for layer in range(self.dense, model.num_layers)
+        ]
+
+    def admit(self, slot: int, request: Request) -> None:
+        super().admit(slot, request)
+        if request.context_tokens > self.host_tokens:
+            for event in filter(None, self.events):
+                event.synchronize()
+            self._grow(request.context_tokens)
+
+    def move(self, src: int, dst: int) -> None:
+        n = self.kept[src]
+        self.host_k[:, dst, :, :n] = self.host_k[:, src, :, :n]
+        self.host_v[:, dst, :, :n] = self.host_v[:, src, :, :n]
+        self.partial_keys[:, dst, :, :n] = self.partial_keys[:, src, :, :n]
+        self.partial_index[:, dst] = self.partial_index[:, src]
+        self.kept[dst], self.seen[dst], self.limit[dst] = self.kept[src], self.seen[src], self.limit[src]
+        self.kept[src] = 0
+
+    def prefill(
+        self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Full causal attention on the device; K/V go to the host, partial columns and keys are set (layers >= 2)."""
+        length = q.shape[2]
+        cos, sin = self.angles(torch.arange(length, device=q.device).unsqueeze(0))
+        q_rot, k_rot = rope(q, cos, sin), rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True, scale=scale, enable_gqa=True)
+        self.host_k[layer, slot, :, :length] = k_rot[0].cpu()
+        self.host_v[layer, slot, :, :length] = v[0].cpu()
+        if layer >= self.dense:
+            sparse, skew = layer - self.dense, self.skew[layer]
+            skewed_q = q_rot[0].reshape(self.kv_heads, self.groups, length, self.head_dim) @ skew[:, None]
+            index = skewed_q.abs().sum(dim=(1, 2)).topk(self.partial, dim=-1).indices
+            self.partial_index[sparse, slot] = index
+            skewed_k = k_rot[0] @ skew
+            self.partial_keys[sparse, slot, :, :length] = skewed_k.gather(-1, index[:, None].expand(-1, length, -1))
+        return out
+
+    def finish_prefill(self, slot: int, prompt_tokens: int) -> None:
+        super().finish_prefill(slot, prompt_tokens)
+        self.counters.bytes_to_host += prompt_tokens * self.token_bytes
+
+    def begin_decode(self, batch: int) -> None:
+        """Step tensors, then the dense layers' whole KV is fetched (sparse layers are fetched by the hooks)."""
+        super().begin_decode(batch)
+        device = self.v.device
+        kept = torch.tensor(self.kept[:batch], device=device)
+        cap = torch.tensor(self.limit[:batch], device=device) - 1
+        span = max(self.kept[:batch])
+        cells = torch.arange(span, device=device)
+        everything = torch.where(cells < kept[:, None], cells, span)[:, None].expand(batch, self.kv_heads, span)
+        fetches = {}
+        for layer in range(self.dense):
+            keys = torch.zeros((batch, self.kv_heads, span + 1, self.head_dim), dtype=self.v.dtype, device=device)
+            fetches[layer] = self._fetch(layer, everything, kept, keys, torch.zeros_like(keys))
+        self.step.extra.update(kept=kept, cap=cap, fetch=fetches)
+
+    def _speculate_hook(self, layer: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Pre-hook on layer-1's self_attn: speculate and start fetching `layer`'s KV during a decode step."""
+        if self.step is not None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self.step.extra["fetch"][layer] = self._speculate(layer, hidden)
+
+    def _speculate(self, layer: int, hidden: torch.Tensor) -> _Fetch:
+        """Approximate logits of `layer` from the previous layer's normed input (B, 1, hidden); fetch the chosen."""
+        step, attn = self.step, self.attn[layer]
+        batch, sparse = step.batch, layer - self.dense
+        q = attn.q_proj(hidden).view(batch, 1, -1, self.head_dim).transpose(1, 2)
+        q_rot = rope(q, step.query_cos, step.query_sin).reshape(batch, self.kv_heads, self.groups, self.head_dim)
+        index = self.partial_index[sparse, :batch, :, None].expand(-1, -1, self.groups, -1)
+        partial_q = (q_rot @ self.skew[layer]).gather(-1, index)
+        span = max(self.kept[:batch])
+        keys = self.partial_keys[sparse, :batch, :, :span]
+        scores = ((partial_q @ keys.mT) * attn.scaling).amax(dim=2)
+        absent = torch.arange(span, device=scores.device) >= step.extra["kept"][:, None, None]
+        chosen, count = select_tokens(scores.masked_fill(absent, -math.inf), self.strategy.alpha, step.extra["cap"])
+        parity = layer % 2
+        return self._fetch(layer, chosen, count, self.k[parity], self.v[parity])
+
+    def _fetch(self, layer: int, chosen: torch.Tensor, count: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor) -> _Fetch:
+        """Gather the chosen host rows (B, Hkv, n_max) of `layer` into pinned staging, copy them to the device
+        (side stream on CUDA) and place them at positions 0..count-1 of keys/values (B, Hkv, >n_max, D)."""
+        batch, heads, widest = chosen.shape
+        valid = (torch.arange(widest, device=chosen.device) < count[:, None, None]).expand_as(chosen)
+        rows = torch.arange(batch, device=chosen.device)[:, None, None].expand_as(chosen)[valid]
+        head = torch.arange(heads, device=chosen.device)[None, :, None].expand_as(chosen)[valid]
+        cell = torch.arange(widest, device=chosen.device).expand_as(chosen)[valid]
+        flat = ((rows * heads + head) * self.host_tokens + chosen[valid]).cpu()
+        n, parity = flat.numel(), layer % 2
+        if self.events[parity] is not None:
+            self.events[parity].synchronize()
+        torch.index_select(self.host_k[layer].view(-1, self.head_dim), 0, flat, out=self.staging[parity, 0, :n])
+        torch.index_select(self.host_v[layer].view(-1, self.head_dim), 0, flat, out=self.staging[parity, 1, :n])
+        self.counters.bytes_to_device += 2 * n * self.head_dim * self.staging.element_size()
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(keys.device))
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            packed = torch.empty((2, n, self.head_dim), dtype=keys.dtype, device=keys.device)
+            packed[0].copy_(self.staging[parity, 0, :n], non_blocking=True)
+            packed[1].copy_(self.staging[parity, 1, :n], non_blocking=True)
+            keys[rows, head, cell] = packed[0]
+            values[rows, head, cell] = packed[1]
+        event = None
+        if self.stream is not None:
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.events[parity] = event
+        return _Fetch(keys, values, chosen, count, event, (rows, head, cell))
+
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention over the fetched tokens plus the current one (at position count), in position order."""
+        step = self.step
+        fetched = step.extra["fetch"].pop(layer)
+        if fetched.event is not None:
+            torch.cuda.current_stream(q.device).wait_event(fetched.event)
+        rows = torch.arange(step.batch, device=q.device)
+        q_rot, k_rot = rope(q, step.query_cos, step.query_sin), rope(k, step.query_cos, step.query_sin)
+        fetched.keys[rows, :, fetched.count] = k_rot[:, :, 0]
+        fetched.values[rows, :, fetched.count] = v[:, :, 0]
+        self.new_k[layer, : step.batch] = k_rot[:, :, 0]
+        self.new_v[layer, : step.batch] = v[:, :, 0]
+        if layer >= self.dense:
+            sparse = layer - self.dense
+            skewed = (k_rot[:, :, 0, None] @ self.skew[layer])[:, :, 0]
+            partial_k = skewed.gather(-1, self.partial_index[sparse, : step.batch])
+            self.partial_keys[sparse, rows, :, step.extra["kept"]] = partial_k
+            if self.strategy.track_recall:
+                self._measure_recall(layer, q_rot, fetched)
+        span = fetched.chosen.shape[-1] + 1
+        mask = torch.arange(span, device=q.device)[None, :] <= fetched.count[:, None]
+        keys, values = fetched.keys[: step.batch, :, :span], fetched.values[: step.batch, :, :span]
+        return F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask[:, None, None, :], scale=scale,
+                                              enable_gqa=True)
+
+    def _measure_recall(self, layer: int, q_rot: torch.Tensor, fetched: _Fetch) -> None:
+        """Count fetched tokens among the true top-n (n = count) by layer's real logits over all host keys."""
+        batch = q_rot.shape[0]
+        span = max(self.kept[:batch])
+        keys = self.host_k[layer, :batch, :, :span].float()
+        query = q_rot.float().cpu().reshape(batch, self.kv_heads, self.groups, self.head_dim)
+        true = (query @ keys.mT).amax(dim=2)
+        kept = torch.tensor(self.kept[:batch])
+        true.masked_fill_(torch.arange(span) >= kept[:, None, None], -math.inf)
+        chosen, count = fetched.chosen.cpu(), fetched.count.cpu()
+        top = true.topk(chosen.shape[-1], dim=-1).indices
+        member = torch.zeros((batch, self.kv_heads, span + 1), dtype=torch.bool).scatter_(-1, chosen, True)
+        valid = torch.arange(chosen.shape[-1]) < count[:, None, None]
+        self.recall_hits[layer] += int((member.gather(-1, top) & valid).sum())
+        self.recall_total[layer] += int(count.sum()) * self.kv_heads
+
+    def finish_decode(self) -> None:
+        """Write this step's new K/V of every layer to the host store (one copy), then count the token."""
+        batch = self.step.batch
+        write = torch.tensor(self.kept[:batch])
+        rows = torch.arange(batch)
+        self.host_k[:, rows, :, write] = self.new_k[:, :batch].cpu().transpose(0, 1)
+        self.host_v[:, rows, :, write] = self.new_v[:, :batch].cpu().transpose(0, 1)
+        self.counters.bytes_to_host += batch * self.token_bytes
+        super().finish_decode()
+
+
+@dataclass(frozen=True)
+class InfiniGen(KVStrategy):
+    """budget: most tokens fetched per layer (reference `max_num_kv`/`budget`), a fraction of each request's context
+    in (0, 1] or a token count; alpha: fetch tokens with speculated logit > max - alpha (paper: 4 OPT, 5 Llama-2);
+    partial_ratio: share of head_dim columns used to speculate, in (0, 1] (paper 0.2); track_recall: 1 measures the
+    speculation's recall against the true top-k every step (costs a full-key pass on the host), 0 skips it."""
+
+    name = "infinigen"
+    cache_class = InfiniGenCache
+    budget: float | int = 0.2
+    alpha: float = 5.0
+    partial_ratio: float = 0.2
+    track_recall: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", parse_budget(self.budget))
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+            raise KVConfigError(f"infinigen: alpha must be a finite number > 0 (4 OPT, 5 Llama-2), got {self.alpha!r}")
+        ratio = self.partial_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise KVConfigError(f"infinigen: partial_ratio must be in (0, 1] (paper: 0.2), got {ratio!r}")
+        if self.track_recall not in (0, 1):
+            raise KVConfigError(f"infinigen: track_recall must be 0 or 1, got {self.track_recall!r}")
+
+    def capacity(self, request: Request) -> int:
+        """Device fetch-buffer tokens: the budget plus the current token, never more than the context."""
+        return min(budget_tokens(self.budget, request) + 1, request.context_tokens)
