@@ -26,6 +26,7 @@ class Round:
     result: RunResult
     memory: MemoryReport
     allocated_bytes: int | None = None
+    recall: float | None = None
 
 
 @dataclass
@@ -47,7 +48,8 @@ class Bench:
             result = self.engine.run(self.trace)
         cache = getattr(self.engine, "cache", None)
         allocated = cache.allocated_bytes if cache is not None else None
-        self.rounds.append(Round(result, watcher.report, allocated))
+        recall = cache.recall() if hasattr(cache, "recall") else None
+        self.rounds.append(Round(result, watcher.report, allocated, recall))
         return result
 
     def metrics(self) -> dict[str, list[float]]:
@@ -77,6 +79,9 @@ class Bench:
         )
         if all(r.allocated_bytes is not None for r in self.rounds):
             out["kv_allocated_bytes"] = [r.allocated_bytes for r in self.rounds]
+        recalls = [r.recall for r in self.rounds]
+        if all(r is not None and r == r for r in recalls):
+            out["speculation_recall"] = recalls
         if self.device.type == "cuda":
             out["peak_device_bytes"] = [r.memory.peak_device_bytes for r in self.rounds]
             out["allocator_peak_bytes"] = [r.memory.allocator_peak_bytes for r in self.rounds]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pytest_kvcache.baselines import REGRESSED, BaselineError, Measurement, compare
 from pytest_kvcache.errors import KVConfigError
-from pytest_kvcache.report import Outcome, changes_table, summary_table
+from pytest_kvcache.report import Outcome, changes_table, tables
 from pytest_kvcache.traces import TraceSpec, load_jsonl, save_jsonl, synthetic
 
 
@@ -73,7 +73,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         outcomes.append(Outcome(current, compare(baseline, current), nodeid))
     fmt = "github" if args.format == "markdown" else "simple"
     print(f"### KV-cache benchmarks: {args.results} vs {args.ref} ({machine_id})\n")
-    print(summary_table(outcomes, fmt))
+    print(tables(outcomes, fmt))
     changes = changes_table(outcomes, fmt)
     if changes:
         print("\n#### Changed metrics\n")
@@ -92,7 +92,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         for (nodeid, m), o in zip(_measurements(results), results["outcomes"])
     ]
     print(f"{results['created']} on {results['machine_id']} ({results['machine'].get('cpu')})")
-    print(summary_table(outcomes))
+    print(tables(outcomes))
     return 0
 
 

@@ -25,7 +25,7 @@ from pytest_kvcache.baselines import (
 )
 from pytest_kvcache.errors import KVConfigError
 from pytest_kvcache.models import MODELS, get_spec
-from pytest_kvcache.report import Outcome, changes_table, failure_message, summary_table
+from pytest_kvcache.report import Outcome, changes_table, failure_message, tables
 from pytest_kvcache.strategies import parse_strategy
 from pytest_kvcache.traces import TraceError, load_jsonl
 
@@ -328,7 +328,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     outcomes = sorted(kv.outcomes, key=lambda o: o.nodeid)
     tr.write_line(f"machine {kv.store.machine_id}; baselines {kv.store.root}; calibration "
                   f"{(kv.calibration or 0) * 1e3:.1f} ms")
-    tr.write_line(summary_table(outcomes))
+    tr.write_line(tables(outcomes))
     changes = changes_table(outcomes)
     if changes:
         tr.write_sep("-", "metrics that changed (improved: refresh the baseline with --kv-update-baselines)")

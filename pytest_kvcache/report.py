@@ -56,6 +56,30 @@ def summary_table(outcomes: list[Outcome], fmt: str = "simple") -> str:
     return tabulate(rows, headers=SUMMARY_HEADERS, tablefmt=fmt, disable_numparse=True)
 
 
+QUALITY_HEADERS = ["test", "token agreement", "perplexity ratio", "passkey accuracy", "verdict"]
+
+
+def quality_table(outcomes: list[Outcome], fmt: str = "simple") -> str:
+    """One row per quality measurement: agreement with the full cache, perplexity ratio, passkey accuracy."""
+    rows = [
+        [o.measurement.test_id, _value(o.measurement, "token_agreement", digits=3),
+         _value(o.measurement, "perplexity_ratio", digits=3), _value(o.measurement, "passkey_accuracy", digits=2),
+         o.status]
+        for o in outcomes
+    ]
+    return tabulate(rows, headers=QUALITY_HEADERS, tablefmt=fmt, disable_numparse=True)
+
+
+def tables(outcomes: list[Outcome], fmt: str = "simple") -> str:
+    """The serving table and, when quality was measured, the quality table."""
+    serving = [o for o in outcomes if "token_agreement" not in o.measurement.metrics]
+    quality = [o for o in outcomes if "token_agreement" in o.measurement.metrics]
+    parts = [summary_table(serving, fmt)] if serving else []
+    if quality:
+        parts.append(quality_table(quality, fmt))
+    return "\n\n".join(parts)
+
+
 def changes_table(outcomes: list[Outcome], fmt: str = "simple") -> str:
     """Every metric whose verdict is not `unchanged`, so regressions and stale baselines stand out."""
     rows = []

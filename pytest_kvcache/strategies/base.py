@@ -221,5 +221,12 @@ class KVStrategy:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def label(self) -> str:
-        params = ",".join(f"{k}={v}" for k, v in self.params().items())
+        """`name:key=value,...` with the budget and the parameters that differ from their defaults
+        (parse_strategy reads it back)."""
+        changed = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name == "budget" or getattr(self, f.name) != f.default
+        }
+        params = ",".join(f"{k}={v}" for k, v in changed.items())
         return f"{self.name}:{params}" if params else self.name
