@@ -192,6 +192,12 @@ def compare(baseline: Measurement | None, current: Measurement, thresholds: dict
     if baseline is None:
         return [Verdict(m, NEW, None, current.summary(m), None, 0.0) for m in current.metrics]
     scale = baseline.calibration_s / current.calibration_s if current.calibration_s > 0 else 1.0
+    unknown = sorted(set(baseline.metrics) - set(RULES))
+    if unknown:
+        raise BaselineError(
+            f"baseline for {current.test_id} has metrics this version does not know ({', '.join(unknown)}): "
+            "upgrade pytest-kvcache or rerun with --kv-update-baselines"
+        )
     verdicts = []
     for metric in sorted(set(baseline.metrics) | set(current.metrics), key=list(RULES).index):
         if metric not in current.metrics:

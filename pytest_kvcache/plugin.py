@@ -53,7 +53,7 @@ def _positive_int(text: str) -> int:
 def _model_names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if names == ["all"]:
-        return list(MODELS)
+        return ["all"]
     for name in names:
         if name not in MODELS:
             raise argparse.ArgumentTypeError(f"unknown model {name!r}: choose from {', '.join(MODELS)} or 'all'")
@@ -75,8 +75,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run GPU-marked tests and put models on CUDA; usage error if no CUDA device is visible "
                          "(default: off, CPU only)")
     group.addoption("--kv-model", metavar="NAMES", type=_model_names, default=None,
-                    help=f"comma-separated models for tests using kv_model: {', '.join(MODELS)} or 'all' "
-                         "(default: each test's kv_models marker, else tiny)")
+                    help=f"comma-separated models for tests using kv_model: {', '.join(MODELS)}, or 'all' (those the device runs) "
+                         "(default: each test's kv_models marker, else tiny; with --gpu tiny,llama-1b)")
     group.addoption("--kv-strategy", metavar="SPEC", type=_strategy, action="append", default=None,
                     help="run suites with these strategies instead of their own list, e.g. "
                          "'streaming:budget=0.2,sinks=4'; repeatable (default: each suite's list)")
@@ -177,6 +177,8 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError("--gpu was given but no CUDA device is visible (torch.cuda.is_available() is "
                                     "False): drop --gpu, or run on a GPU machine with a CUDA build of torch")
         device = "cuda"
+    if config.getoption("kv_model") == ["all"]:
+        config.option.kv_model = [n for n, spec in MODELS.items() if device == "cuda" or not spec.gpu_only]
     for name in config.getoption("kv_model") or []:
         if get_spec(name).gpu_only and device != "cuda":
             raise pytest.UsageError(f"--kv-model {name} is a GPU-only shape: add --gpu on a CUDA machine")
@@ -200,11 +202,22 @@ def _param_id(spec: str) -> str:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize kv_model from --kv-model and kv_strategy from the kv_strategies marker or --kv-strategy."""
+    """Parametrize kv_model from --kv-model and kv_strategy from the kv_strategies marker or --kv-strategy;
+    a bad name in a marker is a one-line collection error naming the test."""
+    try:
+        _parametrize(metafunc)
+        return
+    except KVConfigError as e:
+        message = f"{metafunc.definition.nodeid}: {e}"
+    pytest.fail(message, pytrace=False)
+
+
+def _parametrize(metafunc: pytest.Metafunc) -> None:
     config = metafunc.config
     if "kv_model" in metafunc.fixturenames and not _directly_parametrized(metafunc, "kv_model"):
         marker = metafunc.definition.get_closest_marker("kv_models")
-        names = config.getoption("kv_model") or (list(marker.args) if marker else ["tiny"])
+        default = ["tiny", "llama-1b"] if config.getoption("gpu") else ["tiny"]
+        names = config.getoption("kv_model") or (list(marker.args) if marker else default)
         for name in names:
             get_spec(name)
         metafunc.parametrize("kv_model", names, indirect=True, ids=names)
@@ -295,12 +308,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "calibration_s": kv.calibration,
         "outcomes": [_outcome_json(o) for o in kv.outcomes],
     }
-    path = kv.results_dir / f"kvcache-{stamp:%Y%m%d-%H%M%S}.json"
+    path = _unused_path(kv.results_dir, f"kvcache-{stamp:%Y%m%d-%H%M%S}")
     write_json_atomic(path, results)
     write_json_atomic(kv.results_dir / "latest.json", results)
     kv.warnings.insert(0, f"results written to {path}")
     if config.getoption("kv_update_baselines"):
         _update_baselines(kv)
+
+
+def _unused_path(folder: Path, stem: str) -> Path:
+    """results/<stem>.json, or <stem>-2.json, ... so sessions in the same second keep their own file."""
+    path, n = folder / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.json"
+    return path
 
 
 def _update_baselines(kv: KVSession) -> None:

@@ -128,18 +128,49 @@ def synthetic(spec: TraceSpec) -> Trace:
     return Trace(tuple(requests), spec)
 
 
+def _spec_to_json(spec: TraceSpec | None) -> dict | None:
+    """Strict JSON has no Infinity: an all-at-once rate is written as the string "inf"."""
+    if spec is None:
+        return None
+    data = asdict(spec)
+    if math.isinf(data["rate"]):
+        data["rate"] = "inf"
+    return data
+
+
+def _spec_from_json(data: object, where: str) -> TraceSpec | None:
+    if not data:
+        return None
+    if not isinstance(data, dict):
+        raise TraceError(f"{where}: 'spec' must be an object of trace parameters")
+    data = dict(data)
+    if data.get("rate") == "inf":
+        data["rate"] = math.inf
+    try:
+        return TraceSpec(**data)
+    except TypeError as e:
+        raise TraceError(f"{where}: bad trace spec ({e})") from None
+    except TraceError as e:
+        raise TraceError(f"{where}: {e}") from None
+
+
 def save_jsonl(trace: Trace, path: str | os.PathLike) -> None:
-    """Write a header line (format, spec) and one line per request, atomically."""
+    """Write a header line (format, spec) and one line per request, atomically (old file or new, never half)."""
     path = Path(path)
-    header = {"trace_format": TRACE_FORMAT, "spec": asdict(trace.spec) if trace.spec else None}
-    lines = [json.dumps(header)]
+    header = {"trace_format": TRACE_FORMAT, "spec": _spec_to_json(trace.spec)}
+    lines = [json.dumps(header, allow_nan=False)]
     lines += [
-        json.dumps({"id": r.id, "arrival_s": r.arrival_s, "prompt_ids": list(r.prompt_ids), "max_new_tokens": r.max_new_tokens})
+        json.dumps({"id": r.id, "arrival_s": r.arrival_s, "prompt_ids": list(r.prompt_ids),
+                    "max_new_tokens": r.max_new_tokens}, allow_nan=False)
         for r in trace.requests
     ]
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _field(obj: dict, key: str, kind: type, where: str):
@@ -194,7 +225,7 @@ def load_jsonl(path: str | os.PathLike, vocab_size: int | None = None) -> Trace:
         if isinstance(obj, dict) and "trace_format" in obj:
             if obj["trace_format"] != TRACE_FORMAT:
                 raise TraceError(f"{where}: trace_format {obj['trace_format']!r} is not supported (expected {TRACE_FORMAT})")
-            spec = TraceSpec(**obj["spec"]) if obj.get("spec") else None
+            spec = _spec_from_json(obj.get("spec"), where)
             continue
         request = _parse_request(obj, where, vocab_size)
         if request.id in seen:
