@@ -1,4 +1,5 @@
-# Two entry points: `make bench` (set up + CPU suite) and `make test` (set up + the plugin's own tests).
+# Two entry points: `make bench` (set up + CPU suite) and `make test` (set up + the plugin's own tests);
+# `make quality` runs the slower output-quality suite on SmolLM2's real weights.
 # Both create .venv on first use. PYTEST_ARGS passes extra pytest options, e.g. make bench PYTEST_ARGS="-k streaming".
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup bench test gpu update-baselines clean
+.PHONY: setup bench quality test gpu update-baselines clean
 
 # pytest exit 5 means no test ran: that must fail, never pass silently.
 define pytest
@@ -30,7 +31,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 bench: $(STAMP)
-	$(call pytest,suites/)
+	$(call pytest,suites/ -m "not quality")
+
+quality: $(STAMP)
+	$(call pytest,suites/ -m quality)
 
 test: $(STAMP)
 	$(call pytest,tests/)

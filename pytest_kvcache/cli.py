@@ -96,6 +96,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pytest_kvcache.characterize import write_report
+
+    measurements = []
+    for source in args.results:
+        measurements += [m for _, m in _measurements(_load_results(Path(source)))]
+    path = write_report(measurements, Path(args.output), ", ".join(args.results))
+    print(f"wrote {path} ({len(measurements)} measurements)")
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     rate = math.inf if args.rate == "inf" else float(args.rate)
     spec = TraceSpec(num_requests=args.num_requests, rate=rate, burstiness=args.burstiness, prompt_len=args.prompt_len,
@@ -125,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print the summary table of a results file")
     show.add_argument("results", nargs="?", default="results", help="results file or folder (default: results)")
     show.set_defaults(func=cmd_show)
+    report = sub.add_parser("report", help="characterization report: tables per suite and plots against budget")
+    report.add_argument("results", nargs="*", default=["results"],
+                        help="results files or folders holding latest.json (default: results)")
+    report.add_argument("-o", "--output", default="report", help="output folder (default: report)")
+    report.set_defaults(func=cmd_report)
     trace = sub.add_parser("trace", help="write a seeded synthetic trace as JSONL")
     trace.add_argument("-o", "--output", required=True, help="file to write")
     trace.add_argument("--num-requests", type=int, default=16, help="requests (default: 16)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import platform
 import re
-import statistics
 import time
 from importlib.metadata import PackageNotFoundError, version
 
@@ -96,7 +95,8 @@ def _gpu_workload(device: torch.device) -> None:
 
 
 def calibrate(device: torch.device | str = "cpu", repeats: int = 31) -> float:
-    """Median seconds of a fixed workload; time metrics are compared relative to it (slower machine != regression)."""
+    """Fastest of `repeats` timings of a fixed workload (the minimum is the least disturbed by other load); time
+    metrics are compared relative to it, so a slower machine is not read as a regression."""
     device = torch.device(device)
     run = (lambda: _gpu_workload(device)) if device.type == "cuda" else _cpu_workload
     run()
@@ -105,4 +105,4 @@ def calibrate(device: torch.device | str = "cpu", repeats: int = 31) -> float:
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
