@@ -62,7 +62,7 @@ def memory_watcher(pytestconfig: pytest.Config):
     """Factory: `with memory_watcher() as w: ...` then `w.report` (RSS on CPU; pynvml + allocator on GPU)."""
     device = kv_session(pytestconfig).device
 
-    def make(interval_s: float = 0.005) -> MemoryWatcher:
+    def make(interval_s: float = 0.01) -> MemoryWatcher:
         return MemoryWatcher(device, interval_s)
 
     return make

@@ -32,7 +32,7 @@ def _nvml_handle(device: torch.device):
 class MemoryWatcher:
     """Context manager sampling memory every `interval_s` in a thread; peaks are exact for the allocator."""
 
-    def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.005) -> None:
+    def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.01) -> None:
         self.device = torch.device(device)
         self.interval_s = interval_s
         self.report: MemoryReport | None = None

@@ -36,7 +36,7 @@ MARKERS = {
     "sweep": "sweep: part of the characterization sweep (many configurations)",
     "kv_models": "kv_models(*names): models to parametrize kv_model with when --kv-model is not given",
     "kv_strategies": "kv_strategies(*specs): strategies to parametrize kv_strategy with, e.g. 'streaming:budget=0.5'",
-    "kv_thresholds": "kv_thresholds(**metric_thresholds): per-test regression thresholds, e.g. ttft_ms=0.5",
+    "kv_thresholds": "kv_thresholds(**metric_thresholds): regression thresholds per module/class/test (closest wins), e.g. ttft_ms=0.5",
 }
 
 
@@ -91,6 +91,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write every measurement and verdict of this run as JSON here (default: <rootdir>/results)")
     group.addoption("--kv-rounds", metavar="N", type=_positive_int, default=3,
                     help="timed replays of each trace after one warm-up (default: 3)")
+    group.addoption("--kv-threads", metavar="N", type=_positive_int, default=None,
+                    help="torch intra-op threads for CPU runs; one thread keeps the tiny model's timings steady on "
+                         "small shared machines (default: 1 on CPU, torch's own on GPU)")
     group.addoption("--kv-strict", action="store_true", default=False,
                     help="fail tests that have no stored baseline instead of reporting them as new (default: off)")
 
@@ -128,8 +131,7 @@ class KVSession:
     def record(self, item: pytest.Item, measurement: Measurement) -> Outcome:
         """Compare a measurement with its baseline; fails the test on a regression unless updating."""
         thresholds = {}
-        marker = item.get_closest_marker("kv_thresholds")
-        if marker is not None:
+        for marker in reversed(list(item.iter_markers("kv_thresholds"))):
             for metric, value in marker.kwargs.items():
                 rule_for(metric)
                 thresholds[metric] = float(value)
@@ -182,6 +184,10 @@ def pytest_configure(config: pytest.Config) -> None:
     for name in config.getoption("kv_model") or []:
         if get_spec(name).gpu_only and device != "cuda":
             raise pytest.UsageError(f"--kv-model {name} is a GPU-only shape: add --gpu on a CUDA machine")
+    if device == "cpu" or config.getoption("kv_threads"):
+        import torch
+
+        torch.set_num_threads(config.getoption("kv_threads") or 1)
     root = Path(config.rootpath)
     baselines = Path(config.getoption("kv_baselines") or root / "baselines")
     results = Path(config.getoption("kv_results") or root / "results")
