@@ -180,7 +180,8 @@ def _field(obj: dict, key: str, kind: type, where: str):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise TraceError(f"{where}: field '{key}' must be {kind.__name__}, got {value!r}")
+        expected = {float: "a number", int: "an integer", str: "a string", list: "a list"}[kind]
+        raise TraceError(f"{where}: field '{key}' must be {expected}, got {value!r}")
     return value
 
 
