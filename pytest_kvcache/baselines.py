@@ -20,6 +20,8 @@ from pytest_kvcache.stats import median, relative_change, significance
 
 BASELINE_FORMAT = 1
 
+QUALITY_EPSILON = 1e-6  # stored samples keep 6 significant digits: 2/3 is 0.666667
+
 IMPROVED, UNCHANGED, REGRESSED, NEW, MISSING = "improved", "unchanged", "regressed", "new", "missing"
 
 
@@ -171,7 +173,8 @@ def compare_metric(metric: str, baseline: list[float], current: list[float], sca
     if rule.kind == "quality":
         delta = cur_value - base_value
         bad = -delta if rule.higher_is_better else delta
-        status = REGRESSED if bad > threshold else IMPROVED if -bad > threshold else UNCHANGED
+        slack = threshold + QUALITY_EPSILON
+        status = REGRESSED if bad > slack else IMPROVED if -bad > slack else UNCHANGED
         return Verdict(metric, status, base_value, cur_value, change, threshold, f"absolute change {delta:+.4g}")
     if rule.kind in ("memory", "count"):
         beyond = abs(change) > threshold and abs(cur_value - base_value) > rule.slack

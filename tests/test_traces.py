@@ -141,9 +141,9 @@ def _line(**changes):
 @pytest.mark.parametrize("bad_line,words", [
     ('{"id": "b", "arrival_s": 0.5,', "not valid JSON"),
     (_line(id="b", max_new_tokens=...), "missing field 'max_new_tokens'"),
-    (_line(id="b", arrival_s="soon"), "field 'arrival_s' must be float"),
-    (_line(id="b", max_new_tokens=2.5), "field 'max_new_tokens' must be int"),
-    (_line(id="b", prompt_ids="5 6 7"), "field 'prompt_ids' must be list"),
+    (_line(id="b", arrival_s="soon"), "field 'arrival_s' must be a number"),
+    (_line(id="b", max_new_tokens=2.5), "field 'max_new_tokens' must be an integer"),
+    (_line(id="b", prompt_ids="5 6 7"), "field 'prompt_ids' must be a list"),
     (_line(id="b", prompt_ids=[5, "x"]), "'prompt_ids' must hold integer token ids"),
     (_line(id="b", prompt_ids=[]), "'prompt_ids' must be a non-empty list"),
     (_line(id="b", arrival_s=-1.0), "'arrival_s' must be a finite number >= 0"),
