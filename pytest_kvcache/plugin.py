@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -290,6 +291,8 @@ def pytest_testnodedown(node, error) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if "pytest_kvcache.engines.vllm" in sys.modules:
+        sys.modules["pytest_kvcache.engines.vllm"].shutdown_all()
     config = session.config
     if SESSION not in config.stash:
         return

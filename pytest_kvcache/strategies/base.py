@@ -199,6 +199,7 @@ class KVStrategy:
     name: ClassVar[str] = ""
     cache_class: ClassVar[type[SlotCache]] = SlotCache
     reserves_slots: ClassVar[bool] = True
+    engine: ClassVar[str] = "hf"
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
