@@ -53,6 +53,7 @@ RULES: dict[str, MetricRule] = {
     "allocator_peak_bytes": MetricRule("memory", "B", threshold=0.05),
     "kv_peak_bytes": MetricRule("memory", "B", threshold=0.10),
     "kv_allocated_bytes": MetricRule("memory", "B", threshold=0.0),
+    "kv_cache_usage": MetricRule("memory", "", threshold=0.10, slack=0.02),
     "output_tokens": MetricRule("exact", "tok"),
     "kv_tokens_stored": MetricRule("exact", "tok"),
     "kv_tokens_evicted": MetricRule("exact", "tok"),
