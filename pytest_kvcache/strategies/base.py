@@ -134,12 +134,18 @@ class SlotCache:
         self.counters.tokens_evicted += evicted
         self.counters.add_resident((self.kept[slot] - kept_before) * self.token_bytes)
 
-    def prefill(self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Causal attention over the whole prompt, then the policy stores what it keeps. q/k/v are pre-RoPE."""
-        length = q.shape[2]
-        cos, sin = self.angles(torch.arange(length, device=q.device).unsqueeze(0))
+    def attend_prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(output, rotated q, rotated k) of full causal attention over a prompt at positions 0..P-1; every policy
+        prefills through this one call, so a budget holding the whole context matches the full cache bit for bit."""
+        cos, sin = self.angles(torch.arange(q.shape[2], device=q.device).unsqueeze(0))
         q_rot, k_rot = rope(q, cos, sin), rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True, scale=scale, enable_gqa=True)
+        return out, q_rot, k_rot
+
+    def prefill(self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Causal attention over the whole prompt, then the policy stores what it keeps. q/k/v are pre-RoPE."""
+        out, _, k_rot = self.attend_prompt(q, k, v, scale)
         self.store_prefill(layer, slot, k, k_rot, v)
         return out
 

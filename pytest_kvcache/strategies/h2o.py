@@ -102,9 +102,7 @@ class H2OCache(SlotCache):
     ) -> torch.Tensor:
         """Full causal attention over the prompt (as the full cache), then keep heavy + recent by its column sums."""
         length = q.shape[2]
-        cos, sin = self.angles(torch.arange(length, device=q.device).unsqueeze(0))
-        q_rot, k_rot = rope(q, cos, sin), rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True, scale=scale, enable_gqa=True)
+        out, q_rot, k_rot = self.attend_prompt(q, k, v, scale)
         scores = prefill_scores(q_rot[0], k_rot[0], scale)
         budget, recent = self.budget[slot], self.recent[slot]
         if length > budget:

@@ -231,9 +231,7 @@ class InfiniGenCache(SlotCache):
     ) -> torch.Tensor:
         """Full causal attention on the device; K/V go to the host, partial columns and keys are set (layers >= 2)."""
         length = q.shape[2]
-        cos, sin = self.angles(torch.arange(length, device=q.device).unsqueeze(0))
-        q_rot, k_rot = rope(q, cos, sin), rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True, scale=scale, enable_gqa=True)
+        out, q_rot, k_rot = self.attend_prompt(q, k, v, scale)
         self.host_k[layer, slot, :, :length] = k_rot[0].cpu()
         self.host_v[layer, slot, :, :length] = v[0].cpu()
         if layer >= self.dense:
