@@ -3,3 +3,11 @@
 
 class KVConfigError(ValueError):
     """A setting, file or name the user gave that cannot be used; the message says what to fix."""
+
+
+class KVOutOfMemory(KVConfigError):
+    """A configuration that does not fit in device or host memory: a recorded result, not a crash.
+
+    Raised by an engine after it has dropped its references and freed the memory, so the next test starts clean;
+    the message names the configuration and the bytes that were asked for.
+    """
