@@ -14,6 +14,8 @@ from pytest_kvcache.strategies.full import Full
 from pytest_kvcache.strategies.h2o import H2O, keep_heavy_recent, prefill_scores
 from pytest_kvcache.traces import Request, Trace
 
+import cache_driver as drive
+
 LENGTHS = [(40, 12), (64, 8), (96, 16), (33, 10)]
 
 
@@ -71,7 +73,8 @@ def test_counters_exact(tiny, trace):
     assert counters.resident_bytes == 0
     assert counters.peak_resident_bytes == sum(budgets) * tiny.kv_bytes_per_token
     assert engine.cache.slot_tokens == max(budgets) + 1
-    assert engine.cache.allocated_bytes == len(trace) * (max(budgets) + 1) * tiny.kv_bytes_per_token
+    per_cell = tiny.kv_bytes_per_token + tiny.num_layers * tiny.num_kv_heads * (4 + 8)  # K/V + f32 score + i64 pos
+    assert engine.cache.allocated_bytes == len(trace) * (max(budgets) + 1) * per_cell
 
 
 def reference_h2o(q, k, prompt, budget, heavy, scale):
@@ -123,14 +126,14 @@ def test_kept_set_matches_reference(tiny, heavy_ratio):
         k = torch.randn(1, kv_heads, total, dim, generator=gen) * 2
         v = torch.randn(1, kv_heads, total, dim, generator=gen)
         cache.admit(slot, Request(f"r{slot}", 0.0, (4,) * prompt, steps + 1))
-        cache.prefill(0, slot, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], scale)
+        drive.prefill(cache, 0, slot, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])
         cache.finish_prefill(slot, prompt)
         data.append((q, k, v))
     for t in range(steps):
-        cache.begin_decode(2)
+        cache.prepare(2)
         q, k, v = (torch.cat([d[i][:, :, p + t : p + t + 1] for d, p in zip(data, prompts)]) for i in range(3))
-        cache.decode(0, q, k, v, scale)
-        cache.finish_decode()
+        drive.decode(cache, 0, q, k, v, scale)
+        cache.advance(2)
     for slot, ((q, k, v), prompt) in enumerate(zip(data, prompts)):
         cos, sin = cache.angles(torch.arange(prompt + steps).unsqueeze(0))
         q_rot, k_rot = rope(q, cos, sin)[0], rope(k, cos, sin)[0]

@@ -2,7 +2,6 @@
 speculation selects everything. References are plain torch written here."""
 
 import math
-from functools import partial
 
 import pytest
 import torch
@@ -157,12 +156,11 @@ def test_recall(tiny, trace, monkeypatch):
     engine.run(trace)
     assert 0.0 <= engine.cache.recall() < 1.0
 
-    def own_layer(self, model):
-        self.skew = infinigen.skewing(model)
-        return [self.attn[layer].register_forward_pre_hook(partial(self._speculate_hook, layer), with_kwargs=True)
-                for layer in range(2, model.num_layers)]
+    def own_layer(self, layer, hidden, step):
+        if layer >= self.dense:
+            self.fetched[layer] = self._speculate(layer, hidden, step)
 
-    monkeypatch.setattr(infinigen.InfiniGenCache, "attach", own_layer)
+    monkeypatch.setattr(infinigen.InfiniGenCache, "before_attention", own_layer)
     engine = HFEngine(tiny, parse_strategy("infinigen:budget=0.25,partial_ratio=1.0"))
     engine.run(trace)
     assert engine.cache.recall() >= 0.995

@@ -9,8 +9,10 @@ from pytest_kvcache.engines.hf import HFEngine
 from pytest_kvcache.errors import KVConfigError
 from pytest_kvcache.models import load_model
 from pytest_kvcache.strategies import parse_strategy
-from pytest_kvcache.strategies.paged import Paged
+from pytest_kvcache.strategies.paged import Paged, PagedCache
 from pytest_kvcache.traces import Request, Trace
+
+import cache_driver as drive
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def prefill_random(cache, row: int, tokens: int, arrival: float = 0.0, seed: int
     for layer in range(m.num_layers):
         q = torch.randn(1, m.config.num_attention_heads, tokens, m.head_dim, generator=g)
         k, v = (torch.randn(1, m.num_kv_heads, tokens, m.head_dim, generator=g) for _ in range(2))
-        cache.prefill(layer, row, q, k, v, m.head_dim**-0.5)
+        drive.prefill(cache, layer, row, q, k, v)
         kvs.append((k, v))
     cache.finish_prefill(row, tokens)
     return kvs
@@ -94,8 +96,9 @@ def test_decode_attends_over_block_table_like_plain_attention(model):
     heads, hkv, dim = model.config.num_attention_heads, model.num_kv_heads, model.head_dim
     q = torch.randn(2, heads, 1, dim, generator=g)
     k, v = torch.randn(2, hkv, 1, dim, generator=g), torch.randn(2, hkv, 1, dim, generator=g)
-    cache.begin_decode(2)
-    out = cache.decode(0, q, k, v, dim**-0.5)
+    assert cache.reserve(0, 7) and cache.reserve(1, 10)
+    cache.prepare(2)
+    out = drive.decode(cache, 0, q, k, v, dim**-0.5)
     theta = model.config.rope_parameters["rope_theta"]
     for row, n in enumerate(lengths):
         keys = torch.cat([kvs[row][0][0][0], k[row]], 1)
@@ -104,6 +107,10 @@ def test_decode_attends_over_block_table_like_plain_attention(model):
         query = rope_by_hand(q[row], torch.tensor([n]), theta)
         weights = torch.softmax(query @ keys.transpose(1, 2) * dim**-0.5, -1)
         torch.testing.assert_close(out[row], weights @ values.repeat_interleave(heads // hkv, 0), atol=1e-5, rtol=1e-5)
+        # keys are stored rotated once, at their own positions
+        stored = row_kv(cache, row)[0][0].transpose(0, 1).reshape(hkv, -1, dim)[:, : n + 1]
+        torch.testing.assert_close(stored, rope_by_hand(torch.cat([kvs[row][0][0][0], k[row]], 1),
+                                                        torch.arange(n + 1), theta), atol=1e-5, rtol=1e-5)
     assert cache.row_blocks == [2, 3], "both rows still had room in their last block"
 
 
@@ -137,16 +144,39 @@ def test_recompute_preemption_frees_blocks_and_returns_none(model):
     assert (cache.used_blocks, cache.counters.resident_bytes, cache.counters.bytes_to_host) == (0, 0, 0)
 
 
-def test_make_room_counts_latest_arrived_victims(model):
-    cache = Paged(block_size=4, blocks=3).make_cache(model, 3, 8)
-    for row in range(3):
-        prefill_random(cache, row, 4, arrival=float(row))
-    # every row's block is full and the pool is empty: dropping r2 frees one block, r1 must go too
-    assert cache.make_room(3) == 2
-    cache.preempt(2)
-    assert cache.make_room(2) == 1
-    cache.preempt(1)
-    assert cache.make_room(1) == 0
+def staggered(prompts: list[int], outputs: list[int], arrivals: list[float]) -> Trace:
+    """Requests with their own arrival times."""
+    base = make_trace(prompts, outputs)
+    return Trace(tuple(Request(r.id, a, r.prompt_ids, r.max_new_tokens) for r, a in zip(base.requests, arrivals)))
+
+
+def test_running_requests_get_their_next_block_before_admission(model):
+    """vLLM V1 order: r0 (32 prompt tokens = 2 of the 3 blocks) reserves its 3rd block for its next token before
+    r1 (16 tokens, arriving while r0 decodes) is considered, so r1 waits instead of being admitted and preempted
+    (admitting first then making room gave 1 preemption and a second prefill)."""
+    trace = staggered([32, 16], [12, 8], [0.0, 0.003])
+    tokens, result, cache = run(model, "paged:block_size=16,blocks=3", trace)
+    r0, r1 = result.records
+    assert result.counters.preemptions == 0
+    assert r1.scheduled_s >= r0.token_times_s[-1], "r1 waits for r0's blocks"
+    assert result.counters.tokens_stored == sum(r.context_tokens - 1 for r in trace.requests), "nothing recomputed"
+    assert cache.peak_used_blocks == 3 and cache.peak_block_bytes == 3 * cache.block_bytes
+
+
+def test_victim_is_the_tail_of_the_running_list(model, monkeypatch):
+    """When a running request cannot grow, the latest admitted is preempted (V1 `self.running.pop()`)."""
+    trace = make_trace([8, 8, 8], [40, 40, 40])  # three 1-block prompts in 8 blocks of 8: growing runs out
+    engine = HFEngine(model, parse_strategy("paged:block_size=8,blocks=8"))
+    victims, original = [], PagedCache.preempt
+
+    def spy(cache, slot):
+        victims.append(engine.slots[slot].request.id)
+        return original(cache, slot)
+
+    monkeypatch.setattr(PagedCache, "preempt", spy)
+    result = engine.run(trace)
+    assert victims[0] == "r2", victims
+    assert result.counters.preemptions == len(victims) > 0
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])

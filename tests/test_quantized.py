@@ -23,6 +23,8 @@ from pytest_kvcache.strategies.quantized import (
 )
 from pytest_kvcache.traces import Request, Trace
 
+import cache_driver as drive
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -158,7 +160,7 @@ def test_decode_matches_reference_kivi_split_and_timing(tiny):
     for slot, length in enumerate(prompts):
         q, k, v = (torch.randn(1, h, length, 32, generator=gen) for h in (4, 2, 2))
         cache.admit(slot, Request(f"r{slot}", 0.0, (1,) * length, 64 - length))
-        cache.prefill(0, slot, q, k, v, scale)
+        drive.prefill(cache, 0, slot, q, k, v)
         cache.finish_prefill(slot, length)
         cos, sin = cache.angles(torch.arange(length).unsqueeze(0))
         refs.append(ReferenceKivi(rope(k, cos, sin)[0], v[0], 8, 2, 16))
@@ -170,9 +172,9 @@ def test_decode_matches_reference_kivi_split_and_timing(tiny):
         batch = len(refs)
         positions = torch.tensor(cache.kept[:batch]).unsqueeze(1)
         q, k, v = (torch.randn(batch, h, 1, 32, generator=gen) for h in (4, 2, 2))
-        cache.begin_decode(batch)
-        out = cache.decode(0, q, k, v, scale)
-        cache.finish_decode()
+        cache.prepare(batch)
+        out = drive.decode(cache, 0, q, k, v, scale)
+        cache.advance(batch)
         cos, sin = cache.angles(positions)
         k_rot = rope(k, cos, sin)
         q_rot = rope(q, cos, sin)

@@ -238,8 +238,8 @@ def test_reference_tells_rerotation_apart(tiny):
 @pytest.mark.parametrize("prompt_len,output_len,budget", [(40, 10, 24), (20, 12, 24), (20, 4, 24)],
                          ids=["evict-in-prefill", "evict-in-decode", "no-eviction"])
 def test_streaming_holds_exactly_sinks_plus_recent(tiny, prompt_len, output_len, budget):
-    """After prefill and after every decode step the slot holds the pre-RoPE K/V of exactly the sink and most
-    recent positions, and the counters say so: evicted = stored - kept."""
+    """After prefill and after every decode step the slot holds the K/V of exactly the sink and most recent
+    positions (keys rotated once at their own position), and the counters say so: evicted = stored - kept."""
     sinks = 4
     trace = make_trace(tiny, num_requests=1, prompt_len=prompt_len, output_len=output_len, range_ratio=0.0)
     engine = HFEngine(tiny, parse_strategy(f"streaming:budget={budget},sinks={sinks}"))
@@ -260,7 +260,8 @@ def test_streaming_holds_exactly_sinks_plus_recent(tiny, prompt_len, output_len,
         n = len(request.prompt_ids) + step  # tokens that went through the cache so far
         keep = kept_positions(n, budget, sinks)
         assert (kept, stored, evicted) == (len(keep), n, n - len(keep)), f"step {step}"
-        expected = torch.cat([k_ref[:, keep], v_ref[:, keep]], dim=-1)
+        keys = rotate(k_ref[:, keep], torch.tensor(keep), rope_theta(tiny.config))
+        expected = torch.cat([keys, v_ref[:, keep]], dim=-1)
         match_rows(cells.transpose(0, 1).flatten(1), expected.transpose(0, 1).flatten(1))
     c = result.counters
     final = kept_positions(len(request.prompt_ids) + request.max_new_tokens - 1, budget, sinks)

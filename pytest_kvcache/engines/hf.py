@@ -1,61 +1,47 @@
-"""Continuous batching on a transformers model, with the KV cache owned by the strategy's slot storage.
+"""Continuous batching on a transformers model, scheduled as vLLM V1 schedules, with the KV cache of a policy.
 
-Each iteration admits the requests that have arrived while free slots (the KV memory limit) allow, prefills each
-new one, then runs one batched decode step for every running request, stamping every token as it is produced.
+Each iteration: (1) every running request, in the order it was admitted, gets room for its next token; where the
+cache is short (paged) the request at the tail of the running list is preempted until it fits (V1
+`Scheduler.schedule`, `self.running.pop()`); (2) only if nothing was preempted, waiting requests are admitted
+while the cache has room; (3) the admitted requests are prefilled (together on CUDA) and the others decode one
+token in one batched step. The engine owns slots (running requests occupy slots 0..B-1; a finished request's slot
+gets the last one, moved), victim order and the step state; the policy stores and selects (strategies/base.py).
 Greedy decoding ignores EOS so output lengths are what the trace says.
+
+Out of memory is a result: the engine drops its cache and graphs, empties the allocator and raises KVOutOfMemory
+with one line naming the configuration and the bytes asked for, so the next test starts on a clean device.
 """
 
 from __future__ import annotations
 
+import gc
+import re
+import statistics
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
-from transformers import AttentionInterface
 
-from pytest_kvcache.errors import KVConfigError
+from pytest_kvcache.engines.decoder import Decoder, routed_attention
+from pytest_kvcache.errors import KVConfigError, KVOutOfMemory
 from pytest_kvcache.metrics import RequestRecord, RunResult
-from pytest_kvcache.models import LoadedModel
+from pytest_kvcache.models import LoadedModel, free_memory_bytes
 from pytest_kvcache.strategies.base import KVStrategy, SlotCache
 from pytest_kvcache.traces import Request, Trace
 
-ATTENTION_NAME = "pytest_kvcache"
-
-
-def kv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, kv_step=None, **kwargs):
-    """transformers attention function: hands q/k/v of one layer to the strategy's cache (prefill or decode)."""
-    cache, slot = kv_step
-    if slot is None:
-        out = cache.decode(module.layer_idx, query, key, value, scaling)
-    else:
-        out = cache.prefill(module.layer_idx, slot, query, key, value, scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(ATTENTION_NAME, kv_attention)
-
-
-@contextmanager
-def strategy_attention(model: LoadedModel) -> Iterator[None]:
-    """Route the model's attention through kv_attention for the duration of a run, then restore it."""
-    previous = model.config._attn_implementation
-    model.model.set_attn_implementation(ATTENTION_NAME)
-    try:
-        yield
-    finally:
-        model.model.set_attn_implementation(previous)
+PREFILL_TOKENS = 32768  # padded prompt tokens per batched prefill on CUDA (CPU prefills one prompt at a time)
 
 
 @dataclass
 class _Sequence:
-    """A request in flight: its record, tokens still to generate, and a host copy while swapped out."""
+    """A request in flight: its record, tokens still to generate, its slot, and a host copy while swapped out."""
 
     request: Request
     record: RequestRecord
     remaining: int
+    slot: int = -1
     saved: object | None = None
 
     @property
@@ -68,8 +54,16 @@ class _Sequence:
         self.remaining -= 1
 
 
+def _asked_bytes(error: BaseException) -> str:
+    """'2.00 GiB' from torch's 'Tried to allocate 2.00 GiB', else the error's first line."""
+    found = re.search(r"Tried to allocate ([\d.]+ \w+)", str(error))
+    return found.group(1) if found else str(error).splitlines()[0][:160]
+
+
 class HFEngine:
     """Replays a trace through a transformers model under one KV strategy."""
+
+    name = "hf"
 
     def __init__(self, model: LoadedModel, strategy: KVStrategy, max_batch: int = 32, kv_limit_bytes: int | None = None):
         if max_batch < 1:
@@ -81,6 +75,10 @@ class HFEngine:
         self.max_batch = max_batch
         self.kv_limit_bytes = kv_limit_bytes
         self.cache: SlotCache | None = None
+        self.decoder: Decoder | None = None
+        self._plan: tuple[int, int] | None = None
+
+    # ---------------------------------------------------------------- planning and set-up
 
     def _check(self, trace: Trace) -> None:
         max_pos = self.model.config.max_position_embeddings
@@ -110,148 +108,225 @@ class HFEngine:
                 )
         return n_slots, slot_tokens
 
-    def _logits(self, ids: torch.Tensor, slot: int | None) -> torch.Tensor:
-        """Last-position logits (B, vocab) of one forward through the strategy's cache (slot None = decode)."""
-        positions = torch.zeros_like(ids)
-        out = self.model.model(
-            input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1, kv_step=(self.cache, slot)
-        )
-        return out.logits[:, -1]
+    def describe(self, n_slots: int, slot_tokens: int) -> str:
+        return (f"model {self.model.name}, strategy {self.strategy.label()}, {n_slots} slots x {slot_tokens} tokens "
+                f"({n_slots * self.strategy.slot_bytes(self.model, slot_tokens) / 2**30:.2f} GiB of KV)")
 
-    def _forward(self, ids: torch.Tensor, slot: int | None) -> torch.Tensor:
-        return self._logits(ids, slot).argmax(dim=-1)
+    def _setup(self, n_slots: int, slot_tokens: int) -> None:
+        """The cache (and on CUDA the captured step graphs) for this plan; reused while the plan stays the same."""
+        if self._plan == (n_slots, slot_tokens):
+            self.cache.reset()
+            return
+        self._release()
+        if self.model.device.type == "cuda":
+            need = n_slots * self.strategy.slot_bytes(self.model, slot_tokens)
+            free = free_memory_bytes(self.model.device)
+            if need > free:
+                raise KVOutOfMemory(f"{self.describe(n_slots, slot_tokens)}: needs {need / 2**30:.2f} GiB of KV "
+                                    f"storage, {free / 2**30:.2f} GiB free on {self.model.device}")
+        self.cache = self.strategy.make_cache(self.model, n_slots, slot_tokens, self.kv_limit_bytes)
+        self.decoder = Decoder(self.model, self.cache)
+        with routed_attention(self.model):
+            self.cache.setup(self.decoder)
+        self.decoder.capture(n_slots)
+        self._plan = (n_slots, slot_tokens)
 
-    @torch.inference_mode()
-    def score(self, tokens: list[int], prefill_tokens: int) -> list[float]:
-        """Log-probabilities of tokens[prefill_tokens:], fed one at a time through the strategy's cache
-        (teacher forcing), so perplexity reflects what the policy kept at every step."""
-        if not 1 <= prefill_tokens < len(tokens):
-            raise KVConfigError(f"prefill_tokens must be in [1, {len(tokens) - 1}], got {prefill_tokens}")
-        request = Request("score", 0.0, tuple(tokens[:prefill_tokens]), len(tokens) - prefill_tokens)
-        self._check(Trace((request,)))
-        self.cache = self.strategy.make_cache(self.model, 1, self.strategy.capacity(request))
-        cache, device = self.cache, self.model.device
-        with strategy_attention(self.model):
-            hooks = cache.attach(self.model)
-            try:
-                cache.admit(0, request)
-                logits = self._logits(torch.tensor([tokens[:prefill_tokens]], device=device), 0)
-                cache.finish_prefill(0, prefill_tokens)
-                scores = [float(torch.log_softmax(logits.float(), dim=-1)[0, tokens[prefill_tokens]])]
-                for position in range(prefill_tokens, len(tokens) - 1):
-                    cache.begin_decode(1)
-                    logits = self._logits(torch.tensor([[tokens[position]]], device=device), None)
-                    cache.finish_decode()
-                    scores.append(float(torch.log_softmax(logits.float(), dim=-1)[0, tokens[position + 1]]))
-                cache.release(0)
-            finally:
-                for hook in hooks:
-                    hook.remove()
-        return scores
+    def _release(self) -> None:
+        """Drop the cache and graphs and give their memory back (also after an out-of-memory error)."""
+        self.cache = self.decoder = self._plan = None
+        gc.collect()
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    @torch.inference_mode()
+    def _guarded(self, plan: tuple[int, int], work: Callable[[], object]) -> object:
+        """Run `work`; torch's out-of-memory error becomes KVOutOfMemory after the memory is released."""
+        try:
+            return work()
+        except torch.OutOfMemoryError as error:
+            asked = _asked_bytes(error)
+        self._release()
+        raise KVOutOfMemory(f"{self.describe(*plan)}: out of memory asking for {asked}")
+
+    # ---------------------------------------------------------------- replay
+
     def run(self, trace: Trace, on_token: Callable[[int], None] | None = None) -> RunResult:
         """Replay the trace in real time; returns per-request records, wall duration and KV counters."""
-        n_slots, slot_tokens = self.plan_slots(trace)
-        self.cache = self.strategy.make_cache(self.model, n_slots, slot_tokens, self.kv_limit_bytes)
+        plan = self.plan_slots(trace)
+        return self._guarded(plan, lambda: self._run(trace, plan, on_token))
+
+    @torch.inference_mode()
+    def _run(self, trace: Trace, plan: tuple[int, int], on_token) -> RunResult:
+        self._setup(*plan)
         cache = self.cache
         pending = deque(sorted(trace.requests, key=lambda r: r.arrival_s))
         waiting: deque[_Sequence] = deque()
-        running: list[_Sequence] = []
+        running: list[_Sequence] = []  # admission order: the tail is the next victim
+        self.slots: list[_Sequence] = []  # slot order: slots[i] is in slot i
         records: list[RequestRecord] = []
-        with strategy_attention(self.model):
-            hooks = cache.attach(self.model)
+        self.decoder.take_step_times()
+        with routed_attention(self.model):
             t0 = time.perf_counter()
 
             def clock() -> float:
                 return time.perf_counter() - t0
 
-            try:
-                while pending or waiting or running:
-                    now = clock()
-                    while pending and pending[0].arrival_s <= now:
-                        request = pending.popleft()
-                        record = RequestRecord(request.id, request.arrival_s, len(request.prompt_ids))
-                        records.append(record)
-                        waiting.append(_Sequence(request, record, request.max_new_tokens))
-                    if not running and not waiting:
-                        time.sleep(max(0.0, pending[0].arrival_s - now))
-                        continue
-                    self._admit(waiting, running, clock, on_token)
-                    if running:
-                        self._preempt_for_room(waiting, running)
-                    if running:
-                        self._decode(running, clock, on_token)
-                duration = clock()
-            finally:
-                for hook in hooks:
-                    hook.remove()
-        return RunResult(records, duration, cache.counters)
+            while pending or waiting or running:
+                now = clock()
+                while pending and pending[0].arrival_s <= now:
+                    request = pending.popleft()
+                    record = RequestRecord(request.id, request.arrival_s, len(request.prompt_ids))
+                    records.append(record)
+                    waiting.append(_Sequence(request, record, request.max_new_tokens))
+                if not running and not waiting:
+                    time.sleep(max(0.0, pending[0].arrival_s - now))
+                    continue
+                preempted = self._reserve_running(running, waiting)
+                decoding = len(running)
+                admitted = [] if preempted else self._admit(waiting, running, clock)
+                if admitted:
+                    self._prefill(admitted, clock, on_token)
+                if decoding:
+                    self._decode(decoding, clock, on_token)
+                self._retire(running)
+            duration = clock()
+        return RunResult(records, duration, cache.counters, extra=self._extra())
 
-    def _admit(self, waiting: deque, running: list, clock: Callable[[], float], on_token) -> None:
-        """Admit waiting requests while the cache has room: swapped ones come back, others are (re)prefilled."""
-        cache = self.cache
+    def _extra(self) -> dict[str, float]:
+        """Engine metrics of the run: the paged block peak; on CUDA the decode step time and its roofline fraction."""
+        extra: dict[str, float] = {}
+        if hasattr(self.cache, "peak_block_bytes"):
+            extra["kv_peak_block_bytes"] = float(self.cache.peak_block_bytes)
+        steps = self.decoder.take_step_times()
+        if steps:
+            from pytest_kvcache.engines.roofline import copy_bandwidth, weight_bytes
+
+            weights = weight_bytes(self.model)
+            seconds = sum(ms for ms, _ in steps) / 1e3
+            read = sum(weights + kv for _, kv in steps)
+            extra["decode_step_ms"] = statistics.median(ms for ms, _ in steps)
+            extra["roofline_fraction"] = read / seconds / copy_bandwidth(str(self.model.device))
+        return extra
+
+    def _reserve_running(self, running: list[_Sequence], waiting: deque) -> bool:
+        """V1: each running request (admission order) gets room for its next token, preempting from the tail of the
+        running list until it does; returns whether anything was preempted."""
+        cache, preempted, i = self.cache, False, 0
+        while i < len(running):
+            seq = running[i]
+            if cache.reserve(seq.slot, cache.kept[seq.slot] + 1):
+                i += 1
+                continue
+            if len(running) == 1:
+                raise KVConfigError(
+                    f"request {seq.request.id} alone does not fit in the KV memory limit ({self.kv_limit_bytes} B); "
+                    "raise kv_limit_bytes"
+                )
+            victim = running.pop()
+            victim.saved = cache.preempt(victim.slot)
+            cache.counters.preemptions += 1
+            self._free_slot(victim.slot)
+            waiting.appendleft(victim)
+            preempted = True
+            if victim is seq:
+                break
+        return preempted
+
+    def _admit(self, waiting: deque, running: list, clock: Callable[[], float]) -> list[_Sequence]:
+        """Admit waiting requests while the cache has room: swapped ones come back, the others are to be prefilled."""
+        cache, admitted = self.cache, []
         while waiting and cache.can_admit(len(running), len(waiting[0].tokens)):
             seq = waiting.popleft()
-            slot = len(running)
+            seq.slot = len(self.slots)
+            self.slots.append(seq)
             running.append(seq)
             if seq.record.scheduled_s is None:
                 seq.record.scheduled_s = clock()
             if seq.saved is not None:
-                cache.resume(slot, seq.saved)
+                cache.resume(seq.slot, seq.saved)
                 seq.saved = None
                 continue
-            tokens = seq.tokens
-            cache.admit(slot, seq.request)
-            token = int(self._forward(torch.tensor([tokens], device=self.model.device), slot)[0])
-            cache.finish_prefill(slot, len(tokens))
-            seq.emit(token, clock())
+            cache.admit(seq.slot, seq.request)
+            cache.reserve(seq.slot, len(seq.tokens))  # its blocks are taken now: the next admission sees them gone
+            admitted.append(seq)
+        return admitted
+
+    def _prefill(self, admitted: list[_Sequence], clock: Callable[[], float], on_token) -> None:
+        """Prefill the admitted requests, together on CUDA (in groups of PREFILL_TOKENS padded tokens)."""
+        groups: list[list[_Sequence]] = []
+        for seq in admitted:
+            if groups and self.model.device.type == "cuda":
+                group = groups[-1]
+                width = max(len(s.tokens) for s in group + [seq])
+                if width * (len(group) + 1) <= PREFILL_TOKENS:
+                    group.append(seq)
+                    continue
+            groups.append([seq])
+        for group in groups:
+            logits = self.decoder.prefill([s.slot for s in group], [s.tokens for s in group])
+            tokens = logits.argmax(dim=-1).tolist()
+            stamp = clock()
+            for seq, token in zip(group, tokens):
+                self.cache.finish_prefill(seq.slot, len(seq.tokens))
+                seq.emit(token, stamp)
             if on_token:
-                on_token(1)
-            self._retire(running)
+                on_token(len(group))
 
-    def _preempt_for_room(self, waiting: deque, running: list) -> None:
-        """Preempt the latest-arrived running requests until the next decode step fits (vLLM's policy)."""
-        while self.cache.make_room(len(running)) > 0:
-            if len(running) == 1:
-                raise KVConfigError(
-                    f"request {running[0].request.id} alone does not fit in the KV memory limit "
-                    f"({self.kv_limit_bytes} B); raise kv_limit_bytes"
-                )
-            victim = max(range(len(running)), key=lambda i: (running[i].request.arrival_s, i))
-            seq = running[victim]
-            seq.saved = self.cache.preempt(victim)
-            self.cache.counters.preemptions += 1
-            self._remove(running, victim)
-            waiting.appendleft(seq)
-
-    def _decode(self, running: list, clock: Callable[[], float], on_token) -> None:
-        cache = self.cache
-        cache.begin_decode(len(running))
-        ids = torch.tensor([[seq.record.output_ids[-1]] for seq in running], device=self.model.device)
-        tokens = self._forward(ids, None).tolist()
-        cache.finish_decode()
+    def _decode(self, batch: int, clock: Callable[[], float], on_token) -> None:
+        """One batched decode step of slots 0..batch-1 (the requests that were running before this iteration)."""
+        rows = self.slots[:batch]
+        tokens = self.decoder.decode(batch, [seq.record.output_ids[-1] for seq in rows]).tolist()
         stamp = clock()
-        for seq, token in zip(running, tokens):
+        for seq, token in zip(rows, tokens):
             seq.emit(token, stamp)
         if on_token:
-            on_token(len(running))
-        self._retire(running)
+            on_token(batch)
 
-    def _remove(self, running: list, i: int) -> None:
-        """Drop running[i], moving the last running request into its slot so slots stay contiguous."""
-        last = len(running) - 1
-        if i != last:
-            self.cache.move(last, i)
-            running[i] = running[last]
-        running.pop()
+    def _free_slot(self, slot: int) -> None:
+        """Give up `slot`, moving the request in the last slot into it so slots stay contiguous."""
+        last = len(self.slots) - 1
+        if slot != last:
+            self.cache.move(last, slot)
+            self.slots[slot] = self.slots[last]
+            self.slots[slot].slot = slot
+        self.slots.pop()
 
-    def _retire(self, running: list) -> None:
+    def _retire(self, running: list[_Sequence]) -> None:
         """Release finished requests."""
-        i = 0
-        while i < len(running):
-            if running[i].remaining > 0:
-                i += 1
-                continue
-            self.cache.release(i)
-            self._remove(running, i)
+        for seq in [s for s in running if s.remaining <= 0]:
+            running.remove(seq)
+            self.cache.release(seq.slot)
+            self._free_slot(seq.slot)
+
+    # ---------------------------------------------------------------- teacher forcing
+
+    def teacher_forced(self, tokens: list[int], prefill_tokens: int) -> torch.Tensor:
+        """Log-probabilities (n, vocab) float32 of the next token at positions prefill_tokens-1 .. len(tokens)-2:
+        the prompt tokens[:prefill_tokens] is prefilled, then tokens[prefill_tokens:] are fed one at a time through
+        the policy's cache (teacher forcing), so every row reflects what the policy kept at that step."""
+        if not 1 <= prefill_tokens < len(tokens):
+            raise KVConfigError(f"prefill_tokens must be in [1, {len(tokens) - 1}], got {prefill_tokens}")
+        request = Request("score", 0.0, tuple(tokens[:prefill_tokens]), len(tokens) - prefill_tokens)
+        trace = Trace((request,))
+        plan = self.plan_slots(trace)
+        return self._guarded(plan, lambda: self._teacher_forced(tokens, prefill_tokens, request, plan))
+
+    @torch.inference_mode()
+    def _teacher_forced(self, tokens: list[int], prefill_tokens: int, request: Request,
+                        plan: tuple[int, int]) -> torch.Tensor:
+        self._setup(*plan)
+        cache = self.cache
+        rows = []
+        with routed_attention(self.model):
+            cache.admit(0, request)
+            rows.append(self.decoder.prefill([0], [tokens[:prefill_tokens]])[0])
+            cache.finish_prefill(0, prefill_tokens)
+            for position in range(prefill_tokens, len(tokens) - 1):
+                rows.append(self.decoder.decode(1, [tokens[position]], logits=True)[0])
+            cache.release(0)
+        return torch.log_softmax(torch.stack(rows).float(), dim=-1).cpu()
+
+    def score(self, tokens: list[int], prefill_tokens: int) -> list[float]:
+        """Log-probabilities of tokens[prefill_tokens:] under teacher forcing (see teacher_forced)."""
+        logprobs = self.teacher_forced(tokens, prefill_tokens)
+        targets = torch.tensor(tokens[prefill_tokens:])
+        return logprobs.gather(1, targets[:, None])[:, 0].tolist()

@@ -1,8 +1,14 @@
-"""The KV storage the hf engine owns and the strategy interface every policy implements.
+"""The KV storage a policy owns and the narrow interface through which the engine drives it.
 
-Storage is preallocated per layer as slots (one per running request) of `slot_tokens` tokens, so a strategy that
-keeps fewer tokens really needs less memory, and no step copies the whole cache (DynamicCache's torch.cat does).
-Running requests always occupy slots 0..B-1, so batched decode attends over a view, never a per-request loop.
+The engine owns slots (which request runs in which row), scheduling, preemption and victim order, the model
+forward and the attention kernel. A policy stores what it keeps and says what a decode step attends over (an
+`AttendSpec`); H2O also observes the attention it got. All per-step tensors live in static buffers
+(`HostStaged`), filled on the host and uploaded with one copy, so a CUDA graph of the step reads the same memory
+on every replay and a policy's step state is a typed object of its own, never a dictionary shared by all policies.
+
+Storage is preallocated per layer as slots (one per running request) of `slot_tokens` cells, so a policy that keeps
+fewer tokens really needs less memory, and no step copies the whole cache (DynamicCache's torch.cat does). Running
+requests occupy slots 0..B-1: row r of a decode step is slot r.
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
 from pytest_kvcache.errors import KVConfigError
@@ -46,25 +51,93 @@ def budget_tokens(budget: float | int, request: Request, minimum: int = 1) -> in
     return max(minimum, min(tokens, context))
 
 
+class HostStaged:
+    """Named integer fields of `rows` entries (or rows x width) in one device buffer with a host twin.
+
+    The host writes fields between steps; `upload()` copies them all to the device in one transfer (pinned, non
+    blocking on CUDA). Device views never move, so a captured graph keeps reading the current values.
+    """
+
+    def __init__(self, device: torch.device, rows: int, **widths: int) -> None:
+        self.rows = rows
+        self._offsets: dict[str, tuple[int, int]] = {}
+        total = 0
+        for name, width in widths.items():
+            self._offsets[name] = (total, width)
+            total += rows * width
+        cuda = device.type == "cuda"
+        self.host = torch.zeros(max(total, 1), dtype=torch.long, pin_memory=cuda)
+        self.device = torch.zeros_like(self.host, device=device) if cuda else self.host
+
+    def _view(self, buffer: torch.Tensor, name: str) -> torch.Tensor:
+        start, width = self._offsets[name]
+        view = buffer[start : start + self.rows * width]
+        return view if width == 1 else view.view(self.rows, width)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The device view of a field: (rows,) or (rows, width) int64."""
+        return self._view(self.device, name)
+
+    def host_view(self, name: str) -> torch.Tensor:
+        """The host twin of a field, for in-place edits between steps."""
+        return self._view(self.host, name)
+
+    def set(self, name: str, values) -> None:
+        """Write the first len(values) rows of a field on the host."""
+        values = torch.as_tensor(values, dtype=torch.long)
+        self._view(self.host, name)[: len(values)] = values
+
+    def upload(self) -> None:
+        if self.device is not self.host:
+            self.device.copy_(self.host, non_blocking=True)
+
+
 @dataclass
-class DecodeStep:
-    """Per-step tensors shared by all layers of one batched decode."""
+class Step:
+    """One batched decode step of rows 0..batch-1, as the engine prepared it: views of static device buffers."""
 
     batch: int
-    write_index: torch.Tensor
-    query_cos: torch.Tensor
-    query_sin: torch.Tensor
-    mask: torch.Tensor
+    positions: torch.Tensor  # (batch,) position of the token being decoded in its request (= tokens seen)
+    cos: torch.Tensor  # (batch, 1, head_dim) RoPE of `positions`
+    sin: torch.Tensor
+
+
+@dataclass
+class AttendSpec:
+    """What one layer of one decode step attends over; the engine's attention kernel reads it.
+
+    keys/values: (slots, kv_heads, cells, head_dim) where row r of the step reads slot r, or, with block_table
+    (rows, max_blocks), a pool (blocks, kv_heads, block_size, head_dim). lengths (rows,): cells each row attends
+    (the new token included); span: their maximum on the host (the CPU path attends over [:span] with a mask).
+    sink_query (rows, q_heads, head_dim): the query for cells < n_sink (StreamingLLM's sinks). want_probs: return
+    the softmax weights each cell got, summed over the query heads of its KV head (H2O).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    lengths: torch.Tensor
     span: int
-    extra: dict
+    block_table: torch.Tensor | None = None
+    sink_query: torch.Tensor | None = None
+    n_sink: int = 0
+    want_probs: bool = False
+
+    @property
+    def capacity(self) -> int:
+        """Cells a row can hold: the bound the attention kernel's workspace is sized for."""
+        if self.block_table is not None:
+            return self.block_table.shape[1] * self.keys.shape[2]
+        return self.keys.shape[2]
 
 
 class SlotCache:
-    """Full cache: every token's K/V is kept, keys rotated once when stored. Policies subclass the hooks.
+    """Full cache: every token's K/V is kept, rotated once at its own position. Policies subclass the hooks.
 
-    Shapes: k, v are (layers, slots, kv_heads, slot_tokens, head_dim); a query is (B, q_heads, q_len, head_dim).
-    The model runs with RoPE disabled (position 0), so this cache decides each token's position.
+    Shapes: k, v are (layers, slots, kv_heads, slot_tokens, head_dim); queries and keys reach the cache rotated.
+    `kept[s]` cells of slot s are in use, `seen[s]` tokens of its request went through it, `limit[s]` is its cap.
     """
+
+    capturable: ClassVar[bool] = True  # decode is static-shape tensor work: the engine may capture it in a graph
 
     def __init__(self, strategy: KVStrategy, model: LoadedModel, n_slots: int, slot_tokens: int) -> None:
         self.strategy = strategy
@@ -74,33 +147,50 @@ class SlotCache:
         shape = (model.num_layers, n_slots, model.num_kv_heads, slot_tokens, model.head_dim)
         self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)
         self.v = torch.zeros(shape, dtype=model.dtype, device=model.device)
-        self.rotary = model.model.model.rotary_emb
-        self.kept = [0] * n_slots
-        self.seen = [0] * n_slots
-        self.limit = [0] * n_slots
+        self.row_index = torch.arange(n_slots, device=model.device)
+        self.fields = HostStaged(model.device, n_slots, **self.step_fields())
+        self.reset()
+
+    def step_fields(self) -> dict[str, int]:
+        """The policy's per-row step fields and their widths (see HostStaged); `write` and `lengths` here."""
+        return {"write": 1, "lengths": 1}
+
+    def reset(self) -> None:
+        """Forget every request (a new run); storage stays allocated."""
+        self.kept = [0] * self.n_slots
+        self.seen = [0] * self.n_slots
+        self.limit = [0] * self.n_slots
         self.counters = KVCounters()
-        self.token_bytes = model.kv_bytes_per_token
-        self.step: DecodeStep | None = None
+
+    @property
+    def token_bytes(self) -> int:
+        return self.model.kv_bytes_per_token
 
     @property
     def allocated_bytes(self) -> int:
+        """Bytes of KV storage this cache allocated (what a memory limit must cover)."""
         return self.k.numel() * self.k.element_size() * 2
+
+    @property
+    def rotary(self) -> torch.nn.Module:
+        return self.model.model.model.rotary_emb
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (B, L, D) for integer positions (B, L), from the model's own rotary embedding."""
         return self.rotary(self.v, positions)
 
-    def attach(self, model: LoadedModel) -> list:
-        """Register forward hooks a policy needs (e.g. speculation from a layer's input); the engine removes them."""
-        return []
+    def setup(self, decoder) -> None:
+        """Once per cache, after the engine built its decoder and before any request (InfiniGen's warm-up)."""
+
+    # ---------------------------------------------------------------- scheduling (the engine decides; paged differs)
 
     def can_admit(self, running: int, tokens: int) -> bool:
         """Whether one more request of `tokens` tokens fits next to `running` ones (slots reserve their maximum)."""
         return running < self.n_slots
 
-    def make_room(self, batch: int) -> int:
-        """How many running requests must be preempted before a decode step of `batch`; slots never need to."""
-        return 0
+    def reserve(self, slot: int, tokens: int) -> bool:
+        """Make `slot` able to hold `tokens` tokens; False if memory is short (slots never are)."""
+        return True
 
     def preempt(self, slot: int) -> object | None:
         """Free a running request's KV; return what resume() needs (a host copy) or None to recompute it."""
@@ -109,6 +199,8 @@ class SlotCache:
     def resume(self, slot: int, saved: object) -> None:
         """Bring a preempted request's KV back from its host copy into `slot`."""
         raise NotImplementedError(f"{type(self).__name__} reserves whole slots and never preempts")
+
+    # ---------------------------------------------------------------- per-request bookkeeping
 
     def admit(self, slot: int, request: Request) -> None:
         self.kept[slot] = 0
@@ -134,24 +226,13 @@ class SlotCache:
         self.counters.tokens_evicted += evicted
         self.counters.add_resident((self.kept[slot] - kept_before) * self.token_bytes)
 
-    def attend_prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(output, rotated q, rotated k) of full causal attention over a prompt at positions 0..P-1; every policy
-        prefills through this one call, so a budget holding the whole context matches the full cache bit for bit."""
-        cos, sin = self.angles(torch.arange(q.shape[2], device=q.device).unsqueeze(0))
-        q_rot, k_rot = rope(q, cos, sin), rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True, scale=scale, enable_gqa=True)
-        return out, q_rot, k_rot
+    # ---------------------------------------------------------------- prefill
 
-    def prefill(self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Causal attention over the whole prompt, then the policy stores what it keeps. q/k/v are pre-RoPE."""
-        out, _, k_rot = self.attend_prompt(q, k, v, scale)
-        self.store_prefill(layer, slot, k, k_rot, v)
-        return out
-
-    def store_prefill(self, layer: int, slot: int, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor) -> None:
+    def store_prefill(self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep a prompt's K/V: q (1, Hq, P, D), k/v (1, Hkv, P, D), q and k rotated at positions 0..P-1. The
+        engine computed full causal attention over the prompt already (every policy prefills the same way)."""
         length = k.shape[2]
-        self.k[layer, slot, :, :length] = k_rot[0]
+        self.k[layer, slot, :, :length] = k[0]
         self.v[layer, slot, :, :length] = v[0]
 
     def finish_prefill(self, slot: int, prompt_tokens: int) -> None:
@@ -163,33 +244,40 @@ class SlotCache:
     def kept_after_prefill(self, slot: int, prompt_tokens: int) -> int:
         return prompt_tokens
 
-    def begin_decode(self, batch: int) -> None:
-        """Positions, write indices and the validity mask for one decode step of slots 0..batch-1."""
-        device = self.v.device
-        write = torch.tensor(self.kept[:batch], device=device)
-        span = max(self.kept[:batch]) + 1
-        positions = torch.tensor(self.seen[:batch], device=device).unsqueeze(1)
-        cos, sin = self.angles(positions)
-        valid = torch.arange(span, device=device).unsqueeze(0) <= write.unsqueeze(1)
-        self.step = DecodeStep(batch, write, cos, sin, valid[:, None, None, :], span, {})
+    # ---------------------------------------------------------------- decode
 
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        step = self.step
-        rows = torch.arange(step.batch, device=q.device)
-        q_rot, k_rot = rope(q, step.query_cos, step.query_sin), rope(k, step.query_cos, step.query_sin)
-        self.k[layer, rows, :, step.write_index] = k_rot[:, :, 0]
-        self.v[layer, rows, :, step.write_index] = v[:, :, 0]
-        keys = self.k[layer, : step.batch, :, : step.span]
-        values = self.v[layer, : step.batch, :, : step.span]
-        return F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=step.mask, scale=scale, enable_gqa=True)
+    def prepare(self, batch: int) -> None:
+        """Host side of a decode step of slots 0..batch-1: fill this policy's fields (uploaded by the engine)."""
+        kept = self.kept[:batch]
+        self.fields.set("write", kept)
+        self.fields.set("lengths", [n + 1 for n in kept])
+        self.span = max(kept) + 1
+        self.attended = sum(kept) + batch
 
-    def finish_decode(self) -> None:
-        for slot in range(self.step.batch):
+    def step_kv_bytes(self, batch: int) -> int:
+        """KV bytes the last prepared step's attention must read (the roofline's KV term)."""
+        return self.attended * self.token_bytes
+
+    def before_attention(self, layer: int, hidden: torch.Tensor, step: Step) -> None:
+        """Called with layer's normed input (B, hidden) before its attention (InfiniGen speculates from it)."""
+
+    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
+        """Store the new token's K/V (k/v (B, Hkv, D), rotated) and say what the query (B, Hq, D) attends over."""
+        rows, write = self.row_index[: step.batch], self.fields["write"][: step.batch]
+        self.k[layer, rows, :, write] = k
+        self.v[layer, rows, :, write] = v
+        return AttendSpec(self.k[layer], self.v[layer], self.fields["lengths"][: step.batch], self.span)
+
+    def observe(self, layer: int, spec: AttendSpec, probs: torch.Tensor | None) -> None:
+        """After attention: probs (B, Hkv, W) are the weights cells [0, W) got, when spec.want_probs."""
+
+    def advance(self, batch: int) -> None:
+        """Host bookkeeping after a decode step of slots 0..batch-1."""
+        for slot in range(batch):
             kept_before = self.kept[slot]
             self.seen[slot] += 1
             self.kept[slot] = kept_before + 1
             self._account(slot, kept_before, 1)
-        self.step = None
 
 
 STRATEGIES: dict[str, type[KVStrategy]] = {}
@@ -200,6 +288,7 @@ class KVStrategy:
     """A KV-cache policy: its parameters, how many slot tokens a request needs, and the cache that applies it.
 
     Subclasses set `name` and `cache_class` and register themselves by name for parse_strategy().
+    `engine` names the engine that runs the policy (engines/__init__.py).
     """
 
     name: ClassVar[str] = ""

@@ -23,6 +23,10 @@ Deliberate differences, each for a reason:
   the full cache (exact tokens at budget 1.0); the spare cell is then moved into the evicted token's cell, so
   slots hold budget + 1 cells, which is the reference's own transient size (it concatenates, then drops one).
 - prefill column sums are computed in query chunks, never materialising the P x P matrix.
+- the attention weights of a decode step come from the attention pass itself: on CUDA the split-K kernel writes
+  the scaled scores and each query head's log-sum-exp, and exp(score - lse) summed over the group is the score
+  update (no second matmul); on CPU the engine computes them beside SDPA. Eviction is tensor work over the slot
+  (masked where a slot is not full), so the step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from pytest_kvcache.errors import KVConfigError
-from pytest_kvcache.strategies.base import KVStrategy, SlotCache, budget_tokens, parse_budget, rope
+from pytest_kvcache.models import LoadedModel
+from pytest_kvcache.strategies.base import AttendSpec, KVStrategy, SlotCache, Step, budget_tokens, parse_budget
 from pytest_kvcache.traces import Request
 
 
@@ -55,15 +59,6 @@ def prefill_scores(q: torch.Tensor, k: torch.Tensor, scale: float, max_elements:
     return scores
 
 
-def decode_scores(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax attention (B, kv_heads, S) float32 of one query q (B, q_heads, 1, D) on keys (B, kv_heads, S, D)
-    under mask valid (B, 1, 1, S), query heads of a group summed per KV head."""
-    batch, q_heads, _, dim = q.shape
-    kv_heads = keys.shape[1]
-    logits = (q.reshape(batch, kv_heads, q_heads // kv_heads, dim) * scale) @ keys.transpose(-1, -2)
-    return torch.softmax(logits.masked_fill(~valid, -math.inf), dim=-1, dtype=torch.float32).sum(dim=2)
-
-
 def keep_heavy_recent(scores: torch.Tensor, heavy: int, recent: int) -> torch.Tensor:
     """H2O's rule on token-ordered scores (H, N): indices (H, heavy + recent) of the `recent` newest tokens and the
     `heavy` highest-scoring among the others, in token order; needs N >= heavy + recent."""
@@ -81,9 +76,24 @@ class H2OCache(SlotCache):
         super().__init__(*args, **kwargs)
         shape = self.k.shape[:-1]
         self.score = torch.zeros(shape, dtype=torch.float32, device=self.k.device)
-        self.pos = torch.zeros(shape, dtype=torch.int32, device=self.k.device)
+        self.pos = torch.zeros(shape, dtype=torch.long, device=self.k.device)
+        heads = shape[2]
+        self.row_start = (torch.arange(self.n_slots, device=self.k.device)[:, None] * heads
+                          + torch.arange(heads, device=self.k.device)) * self.slot_tokens
+        self.cells = torch.arange(self.slot_tokens, device=self.k.device)
+
+    def step_fields(self) -> dict[str, int]:
+        return {"write": 1, "lengths": 1, "full": 1, "window_start": 1}
+
+    def reset(self) -> None:
+        super().reset()
         self.budget = [0] * self.n_slots
         self.recent = [0] * self.n_slots
+
+    @property
+    def allocated_bytes(self) -> int:
+        """K/V slots plus the float32 score and int64 position of every cell."""
+        return super().allocated_bytes + sum(t.numel() * t.element_size() for t in (self.score, self.pos))
 
     def admit(self, slot: int, request: Request) -> None:
         super().admit(slot, request)
@@ -97,13 +107,11 @@ class H2OCache(SlotCache):
         self.budget[dst], self.recent[dst] = self.budget[src], self.recent[src]
         super().move(src, dst)
 
-    def prefill(
-        self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """Full causal attention over the prompt (as the full cache), then keep heavy + recent by its column sums."""
+    def store_prefill(self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep heavy + recent by the prompt's causal-attention column sums (all, if the prompt fits the budget)."""
         length = q.shape[2]
-        out, q_rot, k_rot = self.attend_prompt(q, k, v, scale)
-        scores = prefill_scores(q_rot[0], k_rot[0], scale)
+        scale = self.model.model.model.layers[layer].self_attn.scaling
+        scores = prefill_scores(q[0], k[0], scale)
         budget, recent = self.budget[slot], self.recent[slot]
         if length > budget:
             keep = keep_heavy_recent(scores, budget - recent, recent)
@@ -111,71 +119,59 @@ class H2OCache(SlotCache):
             keep = torch.arange(length, device=q.device).expand(k.shape[1], length)
         n = keep.shape[1]
         cells = keep.unsqueeze(-1).expand(-1, -1, k.shape[-1])
-        self.k[layer, slot, :, :n] = k_rot[0].gather(1, cells)
+        self.k[layer, slot, :, :n] = k[0].gather(1, cells)
         self.v[layer, slot, :, :n] = v[0].gather(1, cells)
         self.score[layer, slot, :, :n] = scores.gather(1, keep)
-        self.pos[layer, slot, :, :n] = keep.to(self.pos.dtype)
-        return out
+        self.pos[layer, slot, :, :n] = keep
 
     def kept_after_prefill(self, slot: int, prompt_tokens: int) -> int:
         return min(prompt_tokens, self.budget[slot])
 
-    def begin_decode(self, batch: int) -> None:
-        """The full cache's step (new token at cell `kept`), plus which slots are full, where their window starts,
-        and flat cell indices (B, kv_heads) into one layer's (slots * kv_heads * slot_tokens) cells."""
-        super().begin_decode(batch)
-        device, heads = self.v.device, self.k.shape[2]
-        full = [self.kept[s] >= self.budget[s] for s in range(batch)]
-        rows = torch.arange(batch, device=device).unsqueeze(1) * heads + torch.arange(heads, device=device)
-        new_cell = rows * self.slot_tokens + self.step.write_index.unsqueeze(1)
-        window_start = [self.seen[s] + 1 - self.recent[s] for s in range(batch)]
-        self.step.extra.update(
-            row_start=rows * self.slot_tokens,
-            new_cell=new_cell,
-            source=new_cell.view(-1),
-            position=torch.tensor(self.seen[:batch], dtype=self.pos.dtype, device=device).unsqueeze(1),
-            full=torch.tensor(full, device=device).unsqueeze(1),
-            valid=self.step.mask[:, 0],
-            window_start=torch.tensor(window_start, device=device).view(batch, 1, 1),
-            evicts=any(full),
-        )
+    def prepare(self, batch: int) -> None:
+        """The full cache's step (new token at cell `kept`: the spare cell once the budget is full), plus which
+        slots are full and where their recent window starts."""
+        super().prepare(batch)
+        full = [int(self.kept[s] >= self.budget[s]) for s in range(batch)]
+        self.fields.set("full", full)
+        self.fields.set("window_start", [self.seen[s] + 1 - self.recent[s] for s in range(batch)])
+        self.evicts = any(full)
 
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attend exactly as the full cache, add this step's attention to the scores, evict where the budget is full."""
-        step, extra = self.step, self.step.extra
-        rows, write = torch.arange(step.batch, device=q.device), step.write_index
-        q_rot, k_rot = rope(q, step.query_cos, step.query_sin), rope(k, step.query_cos, step.query_sin)
-        self.k[layer, rows, :, write] = k_rot[:, :, 0]
-        self.v[layer, rows, :, write] = v[:, :, 0]
-        self.score[layer].view(-1).index_fill_(0, extra["source"], 0.0)
-        self.pos[layer].view(-1)[extra["new_cell"]] = extra["position"]
-        keys = self.k[layer, : step.batch, :, : step.span]
-        values = self.v[layer, : step.batch, :, : step.span]
-        out = F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=step.mask, scale=scale, enable_gqa=True)
-        self.score[layer, : step.batch, :, : step.span].add_(decode_scores(q_rot, keys, step.mask, scale))
-        if extra["evicts"]:
-            self._evict(layer)
-        return out
+    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
+        """Store the new token as the full cache does, with score 0 and its position; ask for the attention weights."""
+        spec = super().store(layer, q, k, v, step)
+        rows, write = self.row_index[: step.batch], self.fields["write"][: step.batch]
+        self.score[layer, rows, :, write] = 0.0
+        self.pos[layer, rows, :, write] = step.positions[:, None]
+        spec.want_probs = True
+        return spec
 
-    def _evict(self, layer: int) -> None:
+    def observe(self, layer: int, spec: AttendSpec, probs: torch.Tensor | None) -> None:
+        """Add this step's attention to the scores; where the budget is full, evict (on CUDA always run, masked)."""
+        batch, width = probs.shape[0], probs.shape[-1]
+        self.score[layer, :batch, :, :width] += probs
+        if self.evicts or self.model.device.type == "cuda":
+            self._evict(layer, batch, width)
+
+    def _evict(self, layer: int, batch: int, width: int) -> None:
         """Per full slot and KV head, move the new token's cell onto the lowest-scoring token outside the window."""
-        step, extra = self.step, self.step.extra
-        score = self.score[layer, : step.batch, :, : step.span]
-        pos = self.pos[layer, : step.batch, :, : step.span]
-        candidate = extra["valid"] & (pos < extra["window_start"])
+        score, pos = self.score[layer, :batch, :, :width], self.pos[layer, :batch, :, :width]
+        lengths = self.fields["lengths"][:batch, None, None]
+        candidate = (self.cells[:width] < lengths) & (pos < self.fields["window_start"][:batch, None, None])
         victim = torch.where(candidate, score, math.inf).argmin(dim=-1)
-        target = torch.where(extra["full"], extra["row_start"] + victim, extra["new_cell"]).view(-1)
+        new_cell = self.row_start[:batch] + self.fields["write"][:batch, None]
+        full = self.fields["full"][:batch, None].bool()
+        target = torch.where(full, self.row_start[:batch] + victim, new_cell).view(-1)
+        source = new_cell.view(-1)
         for buffer in (self.k, self.v, self.score, self.pos):
             cells = buffer[layer].flatten(0, 2)
-            cells.index_copy_(0, target, cells.index_select(0, extra["source"]))
+            cells.index_copy_(0, target, cells.index_select(0, source))
 
-    def finish_decode(self) -> None:
-        for slot in range(self.step.batch):
+    def advance(self, batch: int) -> None:
+        for slot in range(batch):
             kept_before = self.kept[slot]
             self.seen[slot] += 1
             self.kept[slot] = min(kept_before + 1, self.budget[slot])
             self._account(slot, kept_before, 1)
-        self.step = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +200,10 @@ class H2O(KVStrategy):
         tokens = self.tokens(request)
         heavy = int(self.heavy_ratio * tokens + 1e-9)
         return heavy, tokens - heavy
+
+    def slot_bytes(self, model: LoadedModel, slot_tokens: int) -> int:
+        """K/V of every cell plus its float32 score and int64 position, per layer and KV head."""
+        return slot_tokens * (model.kv_bytes_per_token + model.num_layers * model.num_kv_heads * 12)
 
     def capacity(self, request: Request) -> int:
         """The budget plus the spare cell the incoming token occupies during a step, never more than the context."""

@@ -47,14 +47,12 @@ import math
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from pytest_kvcache.errors import KVConfigError
 from pytest_kvcache.models import LoadedModel
-from pytest_kvcache.strategies.base import KVStrategy, SlotCache, budget_tokens, parse_budget, rope
+from pytest_kvcache.strategies.base import AttendSpec, KVStrategy, SlotCache, Step, budget_tokens, parse_budget, rope
 from pytest_kvcache.traces import Request
 
 DENSE_LAYERS = 2
@@ -93,33 +91,25 @@ def select_tokens(scores: torch.Tensor, alpha: float, cap: torch.Tensor) -> tupl
 
 
 class _WarmupRecorder:
-    """Stands in for the cache during the warm-up prefill: causal attention with RoPE, keeping rotated q/k."""
+    """Stands in for the cache during the warm-up prefill: keeps each layer's rotated q/k."""
 
-    def __init__(self, model: LoadedModel) -> None:
-        self.rotary = model.model.model.rotary_emb
+    def __init__(self) -> None:
         self.q: dict[int, torch.Tensor] = {}
         self.k: dict[int, torch.Tensor] = {}
 
-    def prefill(self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-        cos, sin = self.rotary(v, torch.arange(q.shape[2], device=q.device).unsqueeze(0))
-        q_rot, k_rot = rope(q, cos, sin), rope(k, cos, sin)
-        self.q[layer], self.k[layer] = q_rot[0], k_rot[0]
-        return F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True, scale=scale, enable_gqa=True)
+    def store_prefill(self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.q[layer], self.k[layer] = q[0], k[0]
 
 
-def skewing(model: LoadedModel) -> torch.Tensor:
-    """Skewing matrices (layers, Hkv, D, D) of a model from its warm-up prompt, computed once per model.
-
-    Runs the model once, so it must be called while the engine routes attention to the strategy cache.
-    """
+def skewing(model: LoadedModel, decoder) -> torch.Tensor:
+    """Skewing matrices (layers, Hkv, D, D) of a model from its warm-up prompt, computed once per model; the
+    decoder prefills the prompt (the engine routes the model's attention to it)."""
     if model.model not in _SKEW:
         length = min(max(WARMUP_TOKENS, model.head_dim), model.config.max_position_embeddings)
         generator = torch.Generator().manual_seed(WARMUP_SEED)
-        ids = torch.randint(model.vocab_size, (1, length), generator=generator).to(model.device)
-        recorder = _WarmupRecorder(model)
-        with torch.no_grad():
-            model.model(input_ids=ids, position_ids=torch.zeros_like(ids), use_cache=False, logits_to_keep=1,
-                        kv_step=(recorder, 0))
+        ids = torch.randint(model.vocab_size, (length,), generator=generator).tolist()
+        recorder = _WarmupRecorder()
+        decoder.prefill([0], [ids], cache=recorder)
         layers = [skewing_matrices(recorder.q[i], recorder.k[i]) for i in range(model.num_layers)]
         _SKEW[model.model] = torch.stack(layers).to(model.dtype)
     return _SKEW[model.model]
@@ -147,7 +137,10 @@ class InfiniGenCache(SlotCache):
     copied into a fresh (B, Hkv, span + 1, D) tensor each step; partial_keys (sparse layers, slots, Hkv,
     host_tokens, d') and partial_index (sparse layers, slots, Hkv, d') on the device, d' = head_dim * ratio.
     A fetched layer holds a request's chosen tokens at 0..n-1 in position order and the current token at n.
+    Not captured in a CUDA graph: the host gathers the chosen rows every layer.
     """
+
+    capturable = False
 
     def __init__(self, strategy: InfiniGen, model: LoadedModel, n_slots: int, slot_tokens: int) -> None:
         super().__init__(strategy, model, n_slots, 0)
@@ -170,9 +163,15 @@ class InfiniGenCache(SlotCache):
         self._grow(0)
         self.skew: torch.Tensor | None = None
         self.attn = [layer.self_attn for layer in model.model.model.layers]
-        self.recall_hits = [0] * model.num_layers
-        self.recall_total = [0] * model.num_layers
 
+    def reset(self) -> None:
+        super().reset()
+        self.recall_hits = [0] * self.model.num_layers
+        self.recall_total = [0] * self.model.num_layers
+
+    def setup(self, decoder) -> None:
+        """Skewing matrices from the warm-up prompt (run once per model through the engine's decoder)."""
+        self.skew = skewing(self.model, decoder)
     @property
     def allocated_bytes(self) -> int:
         """Device bytes: the two fetch buffers, the partial key cache and its column index (host store excluded)."""
@@ -202,14 +201,6 @@ class InfiniGenCache(SlotCache):
         self.staging = torch.empty((2, 2, rows, self.head_dim), dtype=self.model.dtype, pin_memory=self.pinned)
         self.host_tokens = tokens
 
-    def attach(self, model: LoadedModel) -> list:
-        """Skewing from the warm-up, and a pre-hook on layer i's attention that speculates layer i+1."""
-        self.skew = skewing(model)
-        return [
-            self.attn[layer - 1].register_forward_pre_hook(partial(self._speculate_hook, layer), with_kwargs=True)
-            for layer in range(self.dense, model.num_layers)
-        ]
-
     def admit(self, slot: int, request: Request) -> None:
         super().admit(slot, request)
         if request.context_tokens > self.host_tokens:
@@ -226,61 +217,60 @@ class InfiniGenCache(SlotCache):
         self.kept[dst], self.seen[dst], self.limit[dst] = self.kept[src], self.seen[src], self.limit[src]
         self.kept[src] = 0
 
-    def prefill(
-        self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """Full causal attention on the device; K/V go to the host, partial columns and keys are set (layers >= 2)."""
+    def store_prefill(self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K/V go to the host; for the sparse layers the partial columns and partial keys are set."""
         length = q.shape[2]
-        out, q_rot, k_rot = self.attend_prompt(q, k, v, scale)
-        self.host_k[layer, slot, :, :length] = k_rot[0].cpu()
+        self.host_k[layer, slot, :, :length] = k[0].cpu()
         self.host_v[layer, slot, :, :length] = v[0].cpu()
         if layer >= self.dense:
             sparse, skew = layer - self.dense, self.skew[layer]
-            skewed_q = q_rot[0].reshape(self.kv_heads, self.groups, length, self.head_dim) @ skew[:, None]
+            skewed_q = q[0].reshape(self.kv_heads, self.groups, length, self.head_dim) @ skew[:, None]
             index = skewed_q.abs().sum(dim=(1, 2)).topk(self.partial, dim=-1).indices
             self.partial_index[sparse, slot] = index
-            skewed_k = k_rot[0] @ skew
+            skewed_k = k[0] @ skew
             self.partial_keys[sparse, slot, :, :length] = skewed_k.gather(-1, index[:, None].expand(-1, length, -1))
-        return out
 
     def finish_prefill(self, slot: int, prompt_tokens: int) -> None:
         super().finish_prefill(slot, prompt_tokens)
         self.counters.bytes_to_host += prompt_tokens * self.token_bytes
 
-    def begin_decode(self, batch: int) -> None:
-        """Step tensors, then the dense layers' whole KV is fetched (sparse layers are fetched by the hooks)."""
-        super().begin_decode(batch)
+    def prepare(self, batch: int) -> None:
+        """Step state, then the dense layers' whole KV is fetched (sparse layers are fetched as speculated)."""
         device = self.v.device
         kept = torch.tensor(self.kept[:batch], device=device)
         cap = torch.tensor(self.limit[:batch], device=device) - 1
         span = max(self.kept[:batch])
         cells = torch.arange(span, device=device)
         everything = torch.where(cells < kept[:, None], cells, span)[:, None].expand(batch, self.kv_heads, span)
-        fetches = {}
+        self.fetched: dict[int, _Fetch] = {}
+        self.kept_now, self.cap = kept, cap
+        self.read_rows = 0
         for layer in range(self.dense):
             keys = torch.zeros((batch, self.kv_heads, span + 1, self.head_dim), dtype=self.v.dtype, device=device)
-            fetches[layer] = self._fetch(layer, everything, kept, keys, torch.zeros_like(keys))
-        self.step.extra.update(kept=kept, cap=cap, fetch=fetches)
+            self.fetched[layer] = self._fetch(layer, everything, kept, keys, torch.zeros_like(keys))
 
-    def _speculate_hook(self, layer: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        """Pre-hook on layer-1's self_attn: speculate and start fetching `layer`'s KV during a decode step."""
-        if self.step is not None:
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            self.step.extra["fetch"][layer] = self._speculate(layer, hidden)
+    def step_kv_bytes(self, batch: int) -> int:
+        """The rows fetched to the device this step, plus the partial keys speculation read."""
+        partial = self.partial_keys[:, :batch].numel() * self.partial_keys.element_size()
+        return self.read_rows * 2 * self.head_dim * self.v.element_size() + partial
 
-    def _speculate(self, layer: int, hidden: torch.Tensor) -> _Fetch:
-        """Approximate logits of `layer` from the previous layer's normed input (B, 1, hidden); fetch the chosen."""
-        step, attn = self.step, self.attn[layer]
-        batch, sparse = step.batch, layer - self.dense
-        q = attn.q_proj(hidden).view(batch, 1, -1, self.head_dim).transpose(1, 2)
-        q_rot = rope(q, step.query_cos, step.query_sin).reshape(batch, self.kv_heads, self.groups, self.head_dim)
+    def before_attention(self, layer: int, hidden: torch.Tensor, step: Step) -> None:
+        """Speculate layer+1's important tokens from this layer's normed input and start fetching them."""
+        if self.dense <= layer + 1 < self.model.num_layers:
+            self.fetched[layer + 1] = self._speculate(layer + 1, hidden, step)
+
+    def _speculate(self, layer: int, hidden: torch.Tensor, step: Step) -> _Fetch:
+        """Approximate logits of `layer` from the previous layer's normed input (B, hidden); fetch the chosen."""
+        attn, batch, sparse = self.attn[layer], step.batch, layer - self.dense
+        q = attn.q_proj(hidden).view(batch, -1, 1, self.head_dim)
+        q_rot = rope(q, step.cos, step.sin).reshape(batch, self.kv_heads, self.groups, self.head_dim)
         index = self.partial_index[sparse, :batch, :, None].expand(-1, -1, self.groups, -1)
         partial_q = (q_rot @ self.skew[layer]).gather(-1, index)
         span = max(self.kept[:batch])
         keys = self.partial_keys[sparse, :batch, :, :span]
         scores = ((partial_q @ keys.mT) * attn.scaling).amax(dim=2)
-        absent = torch.arange(span, device=scores.device) >= step.extra["kept"][:, None, None]
-        chosen, count = select_tokens(scores.masked_fill(absent, -math.inf), self.strategy.alpha, step.extra["cap"])
+        absent = torch.arange(span, device=scores.device) >= self.kept_now[:, None, None]
+        chosen, count = select_tokens(scores.masked_fill(absent, -math.inf), self.strategy.alpha, self.cap)
         parity = layer % 2
         return self._fetch(layer, chosen, count, self.k[parity], self.v[parity])
 
@@ -300,6 +290,7 @@ class InfiniGenCache(SlotCache):
         torch.index_select(self.host_k[layer].view(-1, self.head_dim), 0, flat, out=self.staging[parity, 0, :n])
         torch.index_select(self.host_v[layer].view(-1, self.head_dim), 0, flat, out=self.staging[parity, 1, :n])
         self.counters.bytes_to_device += 2 * n * self.head_dim * self.staging.element_size()
+        self.read_rows += n
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(keys.device))
         with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
@@ -315,30 +306,27 @@ class InfiniGenCache(SlotCache):
         self.events[parity] = event
         return _Fetch(keys, values, chosen, count, event, (rows, head, cell))
 
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
         """Attention over the fetched tokens plus the current one (at position count), in position order."""
-        step = self.step
-        fetched = step.extra["fetch"].pop(layer)
+        fetched = self.fetched.pop(layer)
         if fetched.event is not None:
             torch.cuda.current_stream(q.device).wait_event(fetched.event)
-        rows = torch.arange(step.batch, device=q.device)
-        q_rot, k_rot = rope(q, step.query_cos, step.query_sin), rope(k, step.query_cos, step.query_sin)
-        fetched.keys[rows, :, fetched.count] = k_rot[:, :, 0]
-        fetched.values[rows, :, fetched.count] = v[:, :, 0]
-        self.new_k[layer, : step.batch] = k_rot[:, :, 0]
-        self.new_v[layer, : step.batch] = v[:, :, 0]
+        batch = step.batch
+        rows = torch.arange(batch, device=q.device)
+        fetched.keys[rows, :, fetched.count] = k
+        fetched.values[rows, :, fetched.count] = v
+        self.new_k[layer, :batch] = k
+        self.new_v[layer, :batch] = v
         if layer >= self.dense:
             sparse = layer - self.dense
-            skewed = (k_rot[:, :, 0, None] @ self.skew[layer])[:, :, 0]
-            partial_k = skewed.gather(-1, self.partial_index[sparse, : step.batch])
-            self.partial_keys[sparse, rows, :, step.extra["kept"]] = partial_k
+            skewed = (k[:, :, None] @ self.skew[layer])[:, :, 0]
+            partial_k = skewed.gather(-1, self.partial_index[sparse, :batch])
+            self.partial_keys[sparse, rows, :, self.kept_now] = partial_k
             if self.strategy.track_recall:
-                self._measure_recall(layer, q_rot, fetched)
+                self._measure_recall(layer, q, fetched)
         span = fetched.chosen.shape[-1] + 1
-        mask = torch.arange(span, device=q.device)[None, :] <= fetched.count[:, None]
-        keys, values = fetched.keys[: step.batch, :, :span], fetched.values[: step.batch, :, :span]
-        return F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask[:, None, None, :], scale=scale,
-                                              enable_gqa=True)
+        return AttendSpec(fetched.keys[:batch, :, :span], fetched.values[:batch, :, :span], fetched.count + 1,
+                          int(fetched.count.max()) + 1)
 
     def _measure_recall(self, layer: int, q_rot: torch.Tensor, fetched: _Fetch) -> None:
         """Count fetched tokens among the true top-n (n = count) by layer's real logits over all host keys."""
@@ -356,15 +344,14 @@ class InfiniGenCache(SlotCache):
         self.recall_hits[layer] += int((member.gather(-1, top) & valid).sum())
         self.recall_total[layer] += int(count.sum()) * self.kv_heads
 
-    def finish_decode(self) -> None:
+    def advance(self, batch: int) -> None:
         """Write this step's new K/V of every layer to the host store (one copy), then count the token."""
-        batch = self.step.batch
         write = torch.tensor(self.kept[:batch])
         rows = torch.arange(batch)
         self.host_k[:, rows, :, write] = self.new_k[:, :batch].cpu().transpose(0, 1)
         self.host_v[:, rows, :, write] = self.new_v[:, :batch].cpu().transpose(0, 1)
         self.counters.bytes_to_host += batch * self.token_bytes
-        super().finish_decode()
+        super().advance(batch)
 
 
 @dataclass(frozen=True)

@@ -2,38 +2,38 @@
 
 Follows Kwon et al., "Efficient Memory Management for Large Language Model Serving with PagedAttention" (SOSP 2023):
 Section 4.2 (KV cache manager: fixed-size blocks from one pool, a block table per request, a new block only when
-the last one is full), Section 4.5 (FCFS scheduling; when blocks run out the latest-arrived requests are preempted
-all-or-nothing, by swapping their blocks to host memory or by recomputing them from prompt + generated tokens).
-Reference code, vllm-project/vllm: `vllm/v1/core/kv_cache_manager.py` (`allocate_slots` returns None when
-`num_blocks_to_allocate > block_pool.get_num_free_blocks()`), `vllm/v1/core/sched/scheduler.py` (`schedule()`
-preempts `self.running.pop()` by recompute, `num_computed_tokens = 0`, and prepends it to the waiting queue; a waiting
-request is admitted only if its blocks can be allocated), `vllm/core/block_manager.py` (V0
-`SelfAttnBlockSpaceManager.can_allocate` / `can_swap_in` keep `watermark_blocks = int(watermark * num_gpu_blocks)`
-free; `can_append_slots` lets decode use every free block; `swap_out` / `swap_in` move whole blocks).
+the last one is full) and Section 4.5 (when blocks run out, requests are preempted all-or-nothing, by swapping
+their blocks to host memory or by recomputing them from prompt + generated tokens), scheduled as vLLM V1 does
+(vllm-project/vllm `vllm/v1/core/sched/scheduler.py` `schedule()`; `vllm/v1/core/kv_cache_manager.py`
+`allocate_slots` returns None when `num_blocks_to_allocate > block_pool.get_num_free_blocks()`): the engine first
+gives every running request, in running-list order, the block its next token needs, preempting from the *tail* of
+the running list (`self.running.pop()`) until it fits; only in a step that preempted nothing are waiting requests
+admitted, each if blocks for its whole token list (prompt, or prompt + generated after a recompute preemption) are
+free, minus the watermark (V0 `can_allocate`: 0.01 of the pool; V1 has none, so the default here is 0). This cache
+answers `reserve` and `can_admit`; victim order is the engine's (engines/hf.py).
 
 Preemption: `recompute` is vLLM V1's only mode; `swap` is V0 behaviour, offered so the two can be compared.
-Admission: blocks for the whole token list of a waiting request (its prompt, or prompt + generated tokens after a
-recompute preemption) must be free, minus the watermark (V0: 0.01; V1 has none, so the default here is 0).
 
 Deliberate differences:
-- Decode attention gathers each request's blocks into a padded (B, kv_heads, L, head_dim) view and runs the same
-  masked SDPA as the full cache (so outputs match `full` bit for bit) instead of a kernel that reads blocks in place
-  (the paper's Eq. 4 kernel); keys are stored after RoPE at their original positions, like the full cache.
-- The host copy of a swapped request is a fresh CPU tensor (pinned on CUDA), not a bounded CPU block pool
-  (V0's `swap_space`); swapped bytes are unbounded.
-- Pool size: the engine sizes storage as whole-request slots and does not pass its KV limit to the strategy, so the
-  pool is the `blocks` parameter (default: enough blocks for every block-table row to hold the longest request).
+- Attention reads the blocks in place through the block table (the paper's Section 4.1 kernel: the engine's
+  split-K kernel on CUDA) or, on CPU, gathers each row's blocks into a padded view for the masked SDPA of the full
+  cache (so outputs match `full` bit for bit); keys are stored after RoPE at their original positions.
+- The host copy of a swapped request is a fresh pinned tensor filled on a copy stream, not a bounded CPU block
+  pool (V0's `swap_space`); swapped bytes are unbounded.
+- Pool size: the `blocks` parameter, or under a KV memory limit as many blocks as it buys (vLLM's
+  num_gpu_blocks), or enough for every row to hold the longest request.
 
 Counters: resident bytes are counted per token (tokens held x bytes per token, as every strategy does, so an ample
-paged run reports the same counters as `full`); vLLM's KV usage is per block: `used_blocks` / `peak_used_blocks`
-times `block_bytes` give it. A recompute preemption frees the request's tokens without counting them as evicted;
-recomputed tokens are stored again, so `tokens_stored - tokens_kept_final` is the number of recomputed tokens.
+paged run reports the same counters as `full`); `peak_block_bytes` is vLLM's view, whole blocks in use at the peak
+times the block size (fragmentation included). A recompute preemption frees the request's tokens without counting
+them as evicted; recomputed tokens are stored again, so `tokens_stored - tokens_kept_final` counts them.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import replace, dataclass
 
 import torch
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from pytest_kvcache.errors import KVConfigError
 from pytest_kvcache.models import LoadedModel
-from pytest_kvcache.strategies.base import DecodeStep, KVStrategy, SlotCache, rope
+from pytest_kvcache.strategies.base import AttendSpec, KVStrategy, SlotCache, Step
 from pytest_kvcache.traces import Request
 
 PREEMPT_MODES = ("recompute", "swap")
@@ -56,7 +56,6 @@ class SwappedKV:
     kept: int
     seen: int
     limit: int
-    arrival_s: float
 
     @property
     def nbytes(self) -> int:
@@ -73,15 +72,13 @@ def _to_host(pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 class PagedCache(SlotCache):
     """KV in a pool of fixed-size blocks; a row of the block table maps a running request's tokens to blocks.
 
-    Shapes: k, v are (layers, num_blocks, kv_heads, block_size, head_dim); block_table is (rows, max_blocks) int64
-    on the host (copied to the device once per step, like vLLM's); a request's token t lives in block
-    block_table[row, t // block_size] at offset t % block_size. Rows play the engine's slots: running requests
-    occupy rows 0..B-1 and `move` copies a row of the table, never KV.
+    Shapes: k, v are (layers, num_blocks, kv_heads, block_size, head_dim); the block table (rows, max_blocks) is a
+    step field (host twin edited in place, uploaded with the step); a request's token t lives in block
+    table[row, t // block_size] at offset t % block_size. Rows play the engine's slots: running requests occupy
+    rows 0..B-1 and `move` copies a row of the table, never KV.
     """
 
     def __init__(self, strategy: Paged, model: LoadedModel, n_slots: int, slot_tokens: int) -> None:
-        super().__init__(strategy, model, n_slots, 0)  # no slot storage: the block pool below holds the KV
-        self.slot_tokens = slot_tokens
         self.block_size = strategy.block_size
         self.max_blocks = math.ceil(slot_tokens / self.block_size)
         self.num_blocks = strategy.blocks if strategy.blocks is not None else n_slots * self.max_blocks
@@ -92,19 +89,32 @@ class PagedCache(SlotCache):
                 f"{self.max_blocks} blocks of {self.block_size}) plus the watermark ({self.watermark_blocks} blocks); "
                 f"raise blocks to at least {self.max_blocks + self.watermark_blocks}"
             )
+        super().__init__(strategy, model, n_slots, 0)  # no slot storage: the block pool below holds the KV
+        self.slot_tokens = slot_tokens
         shape = (model.num_layers, self.num_blocks, model.num_kv_heads, self.block_size, model.head_dim)
         self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)
         self.v = torch.zeros(shape, dtype=model.dtype, device=model.device)
-        self.block_table = torch.zeros((n_slots, self.max_blocks), dtype=torch.long)
-        self.row_blocks = [0] * n_slots
-        self.arrival = [0.0] * n_slots
-        self.free: deque[int] = deque(range(self.num_blocks))
+        self.block_table = self.fields.host_view("table")
         self.block_bytes = self.block_size * self.token_bytes
+        self.copy_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+
+    def step_fields(self) -> dict[str, int]:
+        return {"write": 1, "lengths": 1, "write_block": 1, "table": self.max_blocks}
+
+    def reset(self) -> None:
+        super().reset()
+        self.row_blocks = [0] * self.n_slots
+        self.free: deque[int] = deque(range(self.num_blocks))
         self.peak_used_blocks = 0
 
     @property
     def used_blocks(self) -> int:
         return self.num_blocks - len(self.free)
+
+    @property
+    def peak_block_bytes(self) -> int:
+        """vLLM's KV usage at the peak: whole blocks in use times the block bytes."""
+        return self.peak_used_blocks * self.block_bytes
 
     def blocks_for(self, tokens: int) -> int:
         """Blocks that hold `tokens` tokens."""
@@ -130,25 +140,12 @@ class PagedCache(SlotCache):
         """vLLM admits a request only if a table row is free and its tokens' blocks are, above the watermark."""
         return running < self.n_slots and len(self.free) - self.blocks_for(tokens) >= self.watermark_blocks
 
-    def make_room(self, batch: int) -> int:
-        """How many latest-arrived requests must go so that every row of the step can get the block it needs.
-
-        Mirrors the engine's victim choice (latest arrival, then highest row; the last row fills the victim's).
-        """
-        rows = list(range(batch))
-        need = [max(0, self.blocks_for(self.kept[r] + 1) - self.row_blocks[r]) for r in range(batch)]
-        free, count = len(self.free), 0
-        while sum(need[r] for r in rows) > free:
-            victim = max(range(len(rows)), key=lambda i: (self.arrival[rows[i]], i))
-            free += self.row_blocks[rows[victim]]
-            rows[victim] = rows[-1]
-            rows.pop()
-            count += 1
-        return count
-
-    def admit(self, slot: int, request: Request) -> None:
-        super().admit(slot, request)
-        self.arrival[slot] = request.arrival_s
+    def reserve(self, slot: int, tokens: int) -> bool:
+        """Give the row the blocks `tokens` tokens need, if the pool has them (decode may use every free block)."""
+        if self.blocks_for(tokens) - self.row_blocks[slot] > len(self.free):
+            return False
+        self._grow(slot, tokens)
+        return True
 
     def release(self, slot: int) -> None:
         super().release(slot)
@@ -159,16 +156,18 @@ class PagedCache(SlotCache):
         self.block_table[dst] = self.block_table[src]
         self.row_blocks[dst], self.row_blocks[src] = self.row_blocks[src], 0
         self.kept[dst], self.seen[dst], self.limit[dst] = self.kept[src], self.seen[src], self.limit[src]
-        self.arrival[dst] = self.arrival[src]
         self.kept[src] = 0
 
     def preempt(self, slot: int) -> SwappedKV | None:
-        """Free all of the request's blocks (all-or-nothing); with swap, copy them to host memory first."""
+        """Free all of the request's blocks (all-or-nothing); with swap, copy them to pinned host memory first (on
+        the copy stream, which the compute stream waits for before the blocks can be written again)."""
         saved = None
         if self.strategy.preempt == "swap":
             ids = self._row_ids(slot)
-            host_k, host_v = _to_host(self.k, ids), _to_host(self.v, ids)
-            saved = SwappedKV(host_k, host_v, self.kept[slot], self.seen[slot], self.limit[slot], self.arrival[slot])
+            with _on(self.copy_stream):
+                host_k, host_v = _to_host(self.k, ids), _to_host(self.v, ids)
+            _join(self.copy_stream)
+            saved = SwappedKV(host_k, host_v, self.kept[slot], self.seen[slot], self.limit[slot])
             self.counters.bytes_to_host += saved.nbytes
         self.counters.add_resident(-self.kept[slot] * self.token_bytes)
         self.kept[slot] = 0
@@ -176,54 +175,55 @@ class PagedCache(SlotCache):
         return saved
 
     def resume(self, slot: int, saved: SwappedKV) -> None:
-        """Allocate fresh blocks for a swapped request and copy its host blocks into them."""
+        """Allocate fresh blocks for a swapped request and copy its host blocks into them on the copy stream."""
         self.kept[slot], self.seen[slot], self.limit[slot] = saved.kept, saved.seen, saved.limit
-        self.arrival[slot] = saved.arrival_s
         self._grow(slot, saved.kept)
         ids = self._row_ids(slot)
-        self.k[:, ids] = saved.k.to(self.k.device, non_blocking=True)
-        self.v[:, ids] = saved.v.to(self.v.device, non_blocking=True)
+        with _on(self.copy_stream):
+            self.k[:, ids] = saved.k.to(self.k.device, non_blocking=True)
+            self.v[:, ids] = saved.v.to(self.v.device, non_blocking=True)
+        _join(self.copy_stream)
         self.counters.bytes_to_device += saved.nbytes
         self.counters.add_resident(saved.kept * self.token_bytes)
 
-    def store_prefill(self, layer: int, slot: int, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor) -> None:
+    def store_prefill(self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the prompt's rotated keys and values (1, kv_heads, P, head_dim) into the row's blocks."""
         length = k.shape[2]
         self._grow(slot, length)
         ids = self._row_ids(slot)
         pad = ids.numel() * self.block_size - length
-        for pool, x in ((self.k, k_rot), (self.v, v)):
+        for pool, x in ((self.k, k), (self.v, v)):
             blocks = F.pad(x[0], (0, 0, 0, pad)).view(x.shape[1], ids.numel(), self.block_size, x.shape[3])
             pool[layer, ids] = blocks.transpose(0, 1)
 
-    def begin_decode(self, batch: int) -> None:
-        """Give every row a block for its next token, then the write cells, gather table and mask of the step."""
-        for row in range(batch):
-            self._grow(row, self.kept[row] + 1)
-        device = self.v.device
-        kept = torch.tensor(self.kept[:batch])
-        span = int(kept.max()) + 1
-        table = self.block_table[:batch, : self.blocks_for(span)]
-        write_block = table.gather(1, (kept // self.block_size).unsqueeze(1)).squeeze(1)
-        cos, sin = self.angles(torch.tensor(self.seen[:batch], device=device).unsqueeze(1))
-        valid = torch.arange(span, device=device).unsqueeze(0) <= kept.to(device).unsqueeze(1)
-        offset = (kept % self.block_size).to(device)
-        self.step = DecodeStep(batch, offset, cos, sin, valid[:, None, None, :], span, {})
-        self.step.extra.update(table=table.to(device), write_block=write_block.to(device))
+    def prepare(self, batch: int) -> None:
+        """Write cells of the step: the engine has reserved every row's block for its next token."""
+        super().prepare(batch)
+        self.fields.set("write", [n % self.block_size for n in self.kept[:batch]])
+        self.fields.set("write_block", [int(self.block_table[r, n // self.block_size]) for r, n in
+                                        enumerate(self.kept[:batch])])
 
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Write the new token into its block, gather each row's blocks into (B, kv_heads, span, head_dim), attend."""
-        step = self.step
-        table, write_block = step.extra["table"], step.extra["write_block"]
-        q_rot, k_rot = rope(q, step.query_cos, step.query_sin), rope(k, step.query_cos, step.query_sin)
-        self.k[layer, write_block, :, step.write_index] = k_rot[:, :, 0]
-        self.v[layer, write_block, :, step.write_index] = v[:, :, 0]
-        batch, n_blocks = table.shape
-        heads, dim = self.k.shape[2], self.k.shape[4]
-        keys = self.k[layer][table].transpose(1, 2).reshape(batch, heads, n_blocks * self.block_size, dim)
-        values = self.v[layer][table].transpose(1, 2).reshape(batch, heads, n_blocks * self.block_size, dim)
-        keys, values = keys[:, :, : step.span], values[:, :, : step.span]
-        return F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=step.mask, scale=scale, enable_gqa=True)
+    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
+        """Write the new token into its block; attention reads the blocks through the table."""
+        block, offset = self.fields["write_block"][: step.batch], self.fields["write"][: step.batch]
+        self.k[layer, block, :, offset] = k
+        self.v[layer, block, :, offset] = v
+        return AttendSpec(self.k[layer], self.v[layer], self.fields["lengths"][: step.batch], self.span,
+                          block_table=self.fields["table"][: step.batch])
+
+
+def _on(stream: torch.cuda.Stream | None):
+    """Run on `stream` after what the current stream has queued (a no-op context on CPU)."""
+    if stream is None:
+        return nullcontext()
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    return torch.cuda.stream(stream)
+
+
+def _join(stream: torch.cuda.Stream | None) -> None:
+    """Make the current stream wait for what `stream` has queued."""
+    if stream is not None:
+        torch.cuda.current_stream(stream.device).wait_stream(stream)
 
 
 @dataclass(frozen=True)

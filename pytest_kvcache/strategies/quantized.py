@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from pytest_kvcache.errors import KVConfigError
 from pytest_kvcache.models import LoadedModel
-from pytest_kvcache.strategies.base import DecodeStep, KVStrategy, SlotCache, rope
+from pytest_kvcache.strategies.base import AttendSpec, KVStrategy, SlotCache, Step
 from pytest_kvcache.traces import Request
 
 BITS = (2, 4, 8)
@@ -144,7 +144,11 @@ class KiviLayout:
 
 class QuantizedCache(SlotCache):
     """KIVI storage per (layer, slot, kv head): packed key/value codes, their scales and zero-points, and
-    full-precision residual keys/values; `kq[slot]`/`vq[slot]` count each request's quantized tokens."""
+    full-precision residual keys/values; `kq[slot]`/`vq[slot]` count each request's quantized tokens.
+
+    Not captured in a CUDA graph: which slots flush or shift this step is decided on the host (eager on CUDA)."""
+
+    capturable = False
 
     def __init__(self, strategy: Quantized, model: LoadedModel, n_slots: int, slot_tokens: int) -> None:
         self.layout = strategy.layout(model)
@@ -163,9 +167,12 @@ class QuantizedCache(SlotCache):
         self.k_scale, self.k_zero = buffer(keys // self.group, head_dim), buffer(keys // self.group, head_dim)
         self.v_scale, self.v_zero = buffer(values, head_dim // self.group), buffer(values, head_dim // self.group)
         self.k_res, self.v_res = buffer(cells, head_dim), buffer(cells, head_dim)
-        self.kq = [0] * n_slots
-        self.vq = [0] * n_slots
-        self.resident = [0] * n_slots
+
+    def reset(self) -> None:
+        super().reset()
+        self.kq = [0] * self.n_slots
+        self.vq = [0] * self.n_slots
+        self.resident = [0] * self.n_slots
 
     @property
     def buffers(self) -> tuple[torch.Tensor, ...]:
@@ -205,12 +212,12 @@ class QuantizedCache(SlotCache):
         self.kept[dst], self.seen[dst], self.limit[dst] = self.kept[src], self.seen[src], self.limit[src]
         self.kept[src] = self.kq[src] = self.vq[src] = self.resident[src] = 0
 
-    def store_prefill(self, layer: int, slot: int, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor) -> None:
+    def store_prefill(self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize the prompt's rotated keys and values as KIVI splits them; the rest goes to the residual cells."""
         length = k.shape[2]
         kq, vq = self.layout.split(length)
         if kq:
-            codes, scale, zero = quantize_keys(k_rot[0, :, :kq], self.group, self.bits)
+            codes, scale, zero = quantize_keys(k[0, :, :kq], self.group, self.bits)
             self.k_codes[layer, slot, :, :kq] = pack_codes(codes, self.bits)
             self.k_scale[layer, slot, :, : kq // self.group] = scale
             self.k_zero[layer, slot, :, : kq // self.group] = zero
@@ -220,7 +227,7 @@ class QuantizedCache(SlotCache):
             self.v_scale[layer, slot, :, :vq] = scale
             self.v_zero[layer, slot, :, :vq] = zero
         positions = torch.arange(length, device=k.device)
-        self.k_res[layer, slot, :, positions[kq:] % self.residual] = k_rot[0, :, kq:]
+        self.k_res[layer, slot, :, positions[kq:] % self.residual] = k[0, :, kq:]
         self.v_res[layer, slot, :, positions[vq:] % self.residual] = v[0, :, vq:]
 
     def finish_prefill(self, slot: int, prompt_tokens: int) -> None:
@@ -230,7 +237,7 @@ class QuantizedCache(SlotCache):
         self.counters.tokens_stored += prompt_tokens
         self._set_bytes([slot])
 
-    def begin_decode(self, batch: int) -> None:
+    def prepare(self, batch: int) -> None:
         """Per-step indices shared by all layers: which positions come from codes, residual cells or the new token,
         which slots flush their key residual and which quantize their oldest residual value."""
         device = self.v.device
@@ -239,14 +246,14 @@ class QuantizedCache(SlotCache):
         vq = torch.tensor(self.vq[:batch], device=device)
         span = max(self.kept[:batch]) + 1
         cells = torch.arange(span, device=device)
-        query_cos, query_sin = self.angles(kept.unsqueeze(1))
-        valid = cells.unsqueeze(0) <= kept.unsqueeze(1)
         flush = [s for s in range(batch) if self.kept[s] + 1 - self.kq[s] == self.residual]
         shift = [s for s in range(batch) if self.kept[s] - self.vq[s] == self.residual]
         key_flush = torch.tensor(flush, dtype=torch.long, device=device)
         value_shift = torch.tensor(shift, dtype=torch.long, device=device)
-        self.step = DecodeStep(batch, kept % self.residual, query_cos, query_sin, valid[:, None, None, :], span, {})
-        self.step.extra.update(
+        self.step = _KiviStep(
+            span=span,
+            write=kept % self.residual,
+            lengths=kept + 1,
             max_kq=max(self.kq[:batch]),
             max_vq=max(self.vq[:batch]),
             key_quantized=(cells.unsqueeze(0) < kq.unsqueeze(1))[:, None, :, None],
@@ -261,65 +268,66 @@ class QuantizedCache(SlotCache):
             value_shift_tokens=vq[value_shift].unsqueeze(1),
         )
 
+    def step_kv_bytes(self, batch: int) -> int:
+        """Attention reads every resident code, scale and residual cell of the batch."""
+        return sum(self.resident[:batch])
+
     def _gather(
         self, quantized: torch.Tensor | None, mask: torch.Tensor, residual: torch.Tensor, new: torch.Tensor
     ) -> torch.Tensor:
         """Full-precision (B, H, span, D) view of each slot's tokens: dequantized part, residual cells, new token."""
-        extra = self.step.extra
-        out = torch.where(extra["new"], new, residual[:, :, extra["cells"]])
+        step = self.step
+        out = torch.where(step.new, new.unsqueeze(2), residual[:, :, step.cells])
         if quantized is None:
             return out
-        padded = F.pad(quantized, (0, 0, 0, self.step.span - quantized.shape[2]))
+        padded = F.pad(quantized, (0, 0, 0, step.span - quantized.shape[2]))
         return torch.where(mask, padded, out)
 
-    def _dequantized_keys(self, layer: int) -> torch.Tensor | None:
+    def _dequantized_keys(self, layer: int, batch: int) -> torch.Tensor | None:
         """Dequantized keys (B, H, max_kq, D) of the batch, or None when no slot has quantized keys."""
-        n = self.step.extra["max_kq"]
+        n = self.step.max_kq
         if n == 0:
             return None
-        batch = self.step.batch
         codes = unpack_codes(self.k_codes[layer, :batch, :, :n], self.bits)
         groups = n // self.group
         scale, zero = self.k_scale[layer, :batch, :, :groups], self.k_zero[layer, :batch, :, :groups]
         return dequantize_keys(codes, scale, zero, self.group)
 
-    def _dequantized_values(self, layer: int) -> torch.Tensor | None:
+    def _dequantized_values(self, layer: int, batch: int) -> torch.Tensor | None:
         """Dequantized values (B, H, max_vq, D) of the batch, or None when no slot has quantized values."""
-        n = self.step.extra["max_vq"]
+        n = self.step.max_vq
         if n == 0:
             return None
-        batch = self.step.batch
         codes = unpack_codes(self.v_codes[layer, :batch, :, :n], self.bits)
         scale, zero = self.v_scale[layer, :batch, :, :n], self.v_zero[layer, :batch, :, :n]
         return dequantize_values(codes, scale, zero, self.group)
 
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attend over dequantized + residual + new K/V, store the new token, then quantize what left the window."""
-        step, extra = self.step, self.step.extra
-        batch = step.batch
-        q_rot, k_rot = rope(q, step.query_cos, step.query_sin), rope(k, step.query_cos, step.query_sin)
+    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
+        """Attention reads dequantized + residual + new K/V (a full-precision copy); then the new token is stored
+        and what left the window is quantized (KIVI's update after attention)."""
+        kivi, batch = self.step, step.batch
         k_res, v_res = self.k_res[layer, :batch], self.v_res[layer, :batch]
-        keys = self._gather(self._dequantized_keys(layer), extra["key_quantized"], k_res, k_rot)
-        values = self._gather(self._dequantized_values(layer), extra["value_quantized"], v_res, v)
-        out = F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=step.mask, scale=scale, enable_gqa=True)
+        keys = self._gather(self._dequantized_keys(layer, batch), kivi.key_quantized, k_res, k)
+        values = self._gather(self._dequantized_values(layer, batch), kivi.value_quantized, v_res, v)
+        spec = AttendSpec(keys, values, kivi.lengths, kivi.span)
         rows = torch.arange(batch, device=q.device)
-        shift, shift_tokens = extra["value_shift"], extra["value_shift_tokens"]
-        if extra["shift_slots"]:
-            oldest = v_res[shift, :, step.write_index[shift]].unsqueeze(2)
+        shift, shift_tokens = kivi.value_shift, kivi.value_shift_tokens
+        if kivi.shift_slots:
+            oldest = v_res[shift, :, kivi.write[shift]].unsqueeze(2)
             codes, v_scale, v_zero = quantize_values(oldest, self.group, self.bits)
             self._put(self.v_codes, layer, shift, shift_tokens, pack_codes(codes, self.bits))
             self._put(self.v_scale, layer, shift, shift_tokens, v_scale)
             self._put(self.v_zero, layer, shift, shift_tokens, v_zero)
-        self.k_res[layer, rows, :, step.write_index] = k_rot[:, :, 0]
-        self.v_res[layer, rows, :, step.write_index] = v[:, :, 0]
-        flush, flush_tokens = extra["key_flush"], extra["key_flush_tokens"]
-        if extra["flush_slots"]:
+        self.k_res[layer, rows, :, kivi.write] = k
+        self.v_res[layer, rows, :, kivi.write] = v
+        flush, flush_tokens = kivi.key_flush, kivi.key_flush_tokens
+        if kivi.flush_slots:
             codes, k_scale, k_zero = quantize_keys(self.k_res[layer, flush], self.group, self.bits)
             groups = flush_tokens[:, :: self.group] // self.group
             self._put(self.k_codes, layer, flush, flush_tokens, pack_codes(codes, self.bits))
             self._put(self.k_scale, layer, flush, groups, k_scale)
             self._put(self.k_zero, layer, flush, groups, k_zero)
-        return out
+        return spec
 
     @staticmethod
     def _put(buffer: torch.Tensor, layer: int, rows: torch.Tensor, tokens: torch.Tensor, data: torch.Tensor) -> None:
@@ -327,19 +335,40 @@ class QuantizedCache(SlotCache):
         tokens (n, t), data (n, H, t, X)."""
         buffer[layer].transpose(1, 2)[rows.unsqueeze(1), tokens] = data.transpose(1, 2).to(buffer.dtype)
 
-    def finish_decode(self) -> None:
+    def advance(self, batch: int) -> None:
         """Advance every slot by one token and the quantized counts by what this step quantized."""
-        extra = self.step.extra
-        for slot in extra["flush_slots"]:
+        kivi = self.step
+        for slot in kivi.flush_slots:
             self.kq[slot] += self.residual
-        for slot in extra["shift_slots"]:
+        for slot in kivi.shift_slots:
             self.vq[slot] += 1
-        for slot in range(self.step.batch):
+        for slot in range(batch):
             self.seen[slot] += 1
             self.kept[slot] += 1
-        self.counters.tokens_stored += self.step.batch
-        self._set_bytes(range(self.step.batch))
+        self.counters.tokens_stored += batch
+        self._set_bytes(range(batch))
         self.step = None
+
+
+@dataclass
+class _KiviStep:
+    """Per-step indices of one KIVI decode step (host-built: the step is not captured in a graph)."""
+
+    span: int
+    write: torch.Tensor
+    lengths: torch.Tensor
+    max_kq: int
+    max_vq: int
+    key_quantized: torch.Tensor
+    value_quantized: torch.Tensor
+    new: torch.Tensor
+    cells: torch.Tensor
+    flush_slots: list[int]
+    shift_slots: list[int]
+    key_flush: torch.Tensor
+    key_flush_tokens: torch.Tensor
+    value_shift: torch.Tensor
+    value_shift_tokens: torch.Tensor
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,22 @@
 """StreamingLLM: attention sinks plus a window of recent tokens.
 
-Follows Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (ICLR 2024), Section 3.2 and
-the mit-han-lab/streaming-llm `pos_shift` code: the cache keeps the first `sinks` tokens and the most recent
-`budget - sinks`; keys are cached *before* RoPE and re-rotated every step to their position inside the cache
-(not in the original text), and the query takes the next cache position. The prompt is prefilled with full
-attention, then cut to the budget (as KV-budget studies do); each decode step evicts the oldest non-sink token
-once the budget is full, so memory stays at the budget.
+Follows Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (ICLR 2024), Section 3.2 and the
+mit-han-lab/streaming-llm `pos_shift` code: the cache keeps the first `sinks` tokens and the most recent
+`budget - sinks`, and attention uses positions *inside the cache* (sinks at 0..sinks-1, the window after them in
+order, the query at the next cache position), not the tokens' original positions. The prompt is prefilled with full
+attention, then cut to the budget (as KV-budget studies do); each decode step evicts the oldest non-sink token once
+the budget is full, so memory stays at the budget.
+
+How the cache positions are applied (a deliberate difference from the reference, which caches keys before RoPE
+and re-rotates every cached key every step): keys are stored rotated once at their original position, like the
+full cache, and the *query* is rotated instead. RoPE scores depend only on the distance between query and key
+positions: (R(a) q)·(R(b) k) = q·R(b - a) k. Every window token's cache position is its original position minus
+one shared offset (the number of evicted tokens), so the query at its original position gives the window exactly
+the cache-position distances; the sinks keep positions 0..sinks-1, so for them the query is rotated to its cache
+position by R(cache - original) applied to the already rotated query (rotations compose: R(x) R(y) = R(x + y)).
+So the scores equal the reference's in exact arithmetic, each step costs one extra query rotation instead of a
+pass over the whole cache, and before any eviction the step is the full cache's bit for bit. The attention kernel
+takes the second query for cells < sinks.
 
 The recent window is a ring buffer per slot: eviction overwrites one cell instead of shifting the window.
 """
@@ -15,20 +26,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from pytest_kvcache.errors import KVConfigError
-from pytest_kvcache.strategies.base import DecodeStep, KVStrategy, SlotCache, budget_tokens, parse_budget, rope
+from pytest_kvcache.strategies.base import AttendSpec, KVStrategy, SlotCache, Step, budget_tokens, parse_budget, rope
 from pytest_kvcache.traces import Request
 
 
 class StreamingCache(SlotCache):
-    """Slot layout: [0, sinks) sink tokens, [sinks, limit) a ring of recent tokens starting at `start[slot]`."""
+    """Slot layout: [0, sinks) sink tokens, [sinks, limit) a ring of recent tokens, the oldest at `start[slot]`."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.sinks = self.strategy.sinks
+        if self.rotary.attention_scaling != 1.0:
+            raise KVConfigError(f"streaming: model {self.model.name!r} scales its RoPE; query re-rotation needs plain RoPE")
+
+    def step_fields(self) -> dict[str, int]:
+        return {"write": 1, "lengths": 1, "shift": 1}
+
+    def reset(self) -> None:
+        super().reset()
         self.start = [0] * self.n_slots
+        self.full = [False] * self.n_slots
 
     def admit(self, slot: int, request: Request) -> None:
         super().admit(slot, request)
@@ -41,7 +60,8 @@ class StreamingCache(SlotCache):
     def kept_after_prefill(self, slot: int, prompt_tokens: int) -> int:
         return min(prompt_tokens, self.limit[slot])
 
-    def store_prefill(self, layer: int, slot: int, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor) -> None:
+    def store_prefill(self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep the sinks and the newest limit - sinks prompt tokens, keys rotated at their own positions."""
         length, limit = k.shape[2], self.limit[slot]
         if length <= limit:
             keep = torch.arange(length, device=k.device)
@@ -51,47 +71,42 @@ class StreamingCache(SlotCache):
         self.k[layer, slot, :, : keep.numel()] = k[0, :, keep]
         self.v[layer, slot, :, : keep.numel()] = v[0, :, keep]
 
-    def begin_decode(self, batch: int) -> None:
-        device = self.v.device
-        kept = torch.tensor(self.kept[:batch], device=device)
-        limit = torch.tensor(self.limit[:batch], device=device)
-        start = torch.tensor(self.start[:batch], device=device)
-        full = kept >= limit
-        window = limit - self.sinks
-        write = torch.where(full, self.sinks + start, kept)
-        after = torch.where(full, kept, kept + 1)
-        span = int(after.max())
-        cells = torch.arange(span, device=device).unsqueeze(0)
-        next_start = torch.where(full, (start + 1) % window, start)
-        ring = self.sinks + (cells - self.sinks - next_start.unsqueeze(1)) % window.unsqueeze(1)
-        positions = torch.where(cells < self.sinks, cells, ring)
-        key_cos, key_sin = self.angles(positions)
-        query_cos, query_sin = self.angles((after - 1).unsqueeze(1))
-        valid = cells < after.unsqueeze(1)
-        self.step = DecodeStep(batch, write, query_cos, query_sin, valid[:, None, None, :], span, {})
-        self.step.extra.update(key_cos=key_cos, key_sin=key_sin, full=full.tolist())
+    def prepare(self, batch: int) -> None:
+        """A full slot overwrites its oldest window cell and keeps `limit` cells; the query's cache position is the
+        last cell, `shift` = cache position - original position (0 until the first eviction)."""
+        write, lengths, shift = [], [], []
+        for s in range(batch):
+            full = self.kept[s] >= self.limit[s]
+            after = self.limit[s] if full else self.kept[s] + 1
+            self.full[s] = full
+            write.append(self.sinks + self.start[s] if full else self.kept[s])
+            lengths.append(after)
+            shift.append(after - 1 - self.seen[s])
+        self.fields.set("write", write)
+        self.fields.set("lengths", lengths)
+        self.fields.set("shift", shift)
+        self.span = max(lengths)
+        self.attended = sum(lengths)
+        self.shifted = any(shift)
 
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        step = self.step
-        rows = torch.arange(step.batch, device=q.device)
-        self.k[layer, rows, :, step.write_index] = k[:, :, 0]
-        self.v[layer, rows, :, step.write_index] = v[:, :, 0]
-        keys = rope(self.k[layer, : step.batch, :, : step.span], step.extra["key_cos"], step.extra["key_sin"])
-        values = self.v[layer, : step.batch, :, : step.span]
-        q_rot = rope(q, step.query_cos, step.query_sin)
-        return F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=step.mask, scale=scale, enable_gqa=True)
+    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
+        spec = super().store(layer, q, k, v, step)
+        if self.sinks and (self.shifted or self.model.device.type == "cuda"):
+            shift = self.fields["shift"][: step.batch, None]
+            cos, sin = self.angles(shift)
+            spec.sink_query = rope(q.unsqueeze(2), cos, sin).squeeze(2)
+            spec.n_sink = self.sinks
+        return spec
 
-    def finish_decode(self) -> None:
-        full = self.step.extra["full"]
-        for slot in range(self.step.batch):
+    def advance(self, batch: int) -> None:
+        for slot in range(batch):
             kept_before = self.kept[slot]
             self.seen[slot] += 1
-            if full[slot]:
+            if self.full[slot]:
                 self.start[slot] = (self.start[slot] + 1) % (self.limit[slot] - self.sinks)
             else:
                 self.kept[slot] += 1
             self._account(slot, kept_before, 1)
-        self.step = None
 
 
 @dataclass(frozen=True)

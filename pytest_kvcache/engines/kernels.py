@@ -1,0 +1,229 @@
+"""Triton kernels of the CUDA decode step: split-K decode attention over ragged KV, fused add + RMSNorm, RoPE, SiLU.
+
+Imported only on CUDA (or with TRITON_INTERPRET=1 in the tests); the CPU path uses the torch references in
+engines/attention.py and engines/decoder.py.
+
+Decode attention follows FlashDecoding (Dao et al., "Flash-Decoding for long-context inference", 2023): the KV of
+each request is split into chunks of CHUNK tokens; one program per (chunk, KV head, request) computes the chunk's
+partial softmax numerator/denominator for all query heads of that KV head at once (GQA: the group's queries are the
+rows of one matrix product, so each KV byte is read once); programs of chunks past a request's length exit at once;
+the last program of a (request, KV head) to finish combines the partials in the same launch (an atomic counter), so
+one launch does the whole attention and it can be captured in a CUDA graph. Keys are read either from per-slot
+storage (S, Hkv, T, D), row r reading slot r, or through a block table from a pool of blocks (paged).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 256
+BLOCK_N = 64
+
+
+@triton.jit
+def _decode_attention_kernel(
+    Q, QS, K, V, LENGTHS, TABLE, OUT, PART_O, PART_M, PART_L, LOCKS, LOGITS, LSE,
+    scale, n_chunks, kv_heads, n_sink,
+    stride_qr, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_tr, stride_or, stride_oh, stride_lr, stride_lh,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_SINK: tl.constexpr, WRITE_LOGITS: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    head = tl.program_id(1)
+    row = tl.program_id(2)
+    length = tl.load(LENGTHS + row).to(tl.int32)
+    start = chunk * CHUNK
+    if start < length:
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        in_group = g < G
+        q_heads = head * G + g
+        q_ptrs = Q + row * stride_qr + q_heads[:, None] * stride_qh + d[None, :]
+        q = tl.load(q_ptrs, mask=in_group[:, None], other=0.0)
+        if HAS_SINK:
+            qs = tl.load(QS + row * stride_qr + q_heads[:, None] * stride_qh + d[None, :], mask=in_group[:, None],
+                         other=0.0)
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        end = tl.minimum(start + CHUNK, length)
+        for n0 in range(start, end, BLOCK_N):
+            cells = n0 + tl.arange(0, BLOCK_N)
+            valid = cells < end
+            if PAGED:
+                block = tl.load(TABLE + row * stride_tr + cells // BLOCK_SIZE, mask=valid, other=0)
+                k_off = block * stride_kb + head * stride_kh + (cells % BLOCK_SIZE) * stride_kt
+                v_off = block * stride_vb + head * stride_vh + (cells % BLOCK_SIZE) * stride_vt
+            else:
+                k_off = row * stride_kb + head * stride_kh + cells * stride_kt
+                v_off = row * stride_vb + head * stride_vh + cells * stride_vt
+            k = tl.load(K + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            if HAS_SINK:
+                s_sink = tl.dot(qs, tl.trans(k)) * scale
+                s = tl.where((cells < n_sink)[None, :], s_sink, s)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            if WRITE_LOGITS:
+                l_ptrs = LOGITS + row * stride_lr + q_heads[:, None] * stride_lh + cells[None, :]
+                tl.store(l_ptrs, s, mask=in_group[:, None] & valid[None, :])
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            v = tl.load(V + v_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        part = (row * kv_heads + head) * n_chunks + chunk
+        tl.store(PART_O + (part * G + g[:, None]) * D + d[None, :], acc, mask=in_group[:, None])
+        tl.store(PART_M + part * G + g, m, mask=in_group)
+        tl.store(PART_L + part * G + g, l, mask=in_group)
+        active = tl.cdiv(length, CHUNK)
+        done = tl.atomic_add(LOCKS + row * kv_heads + head, 1)
+        if done == active - 1:
+            first = (row * kv_heads + head) * n_chunks
+            big_m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            for j in range(0, active):
+                mj = tl.load(PART_M + (first + j) * G + g, mask=in_group, other=float("-inf"), cache_modifier=".cg")
+                big_m = tl.maximum(big_m, mj)
+            big_l = tl.zeros([BLOCK_G], tl.float32)
+            out = tl.zeros([BLOCK_G, D], tl.float32)
+            for j in range(0, active):
+                mj = tl.load(PART_M + (first + j) * G + g, mask=in_group, other=float("-inf"), cache_modifier=".cg")
+                lj = tl.load(PART_L + (first + j) * G + g, mask=in_group, other=0.0, cache_modifier=".cg")
+                oj = tl.load(PART_O + ((first + j) * G + g[:, None]) * D + d[None, :], mask=in_group[:, None],
+                             other=0.0, cache_modifier=".cg")
+                w = tl.where(in_group, tl.exp(mj - big_m), 0.0)
+                big_l += lj * w
+                out += oj * w[:, None]
+            big_l = tl.where(in_group, big_l, 1.0)
+            o_ptrs = OUT + row * stride_or + q_heads[:, None] * stride_oh + d[None, :]
+            tl.store(o_ptrs, (out / big_l[:, None]).to(OUT.dtype.element_ty), mask=in_group[:, None])
+            if WRITE_LOGITS:
+                tl.store(LSE + row * kv_heads * G + q_heads, big_m + tl.log(big_l), mask=in_group)
+            tl.atomic_xchg(LOCKS + row * kv_heads + head, 0)
+
+
+class DecodeWorkspace:
+    """Scratch of the split-K kernel for up to `rows` requests of up to `capacity` cells: partial results and the
+    per-(request, KV head) counters, allocated once so a captured graph keeps using the same memory."""
+
+    def __init__(self, rows: int, kv_heads: int, group: int, head_dim: int, capacity: int,
+                 device: torch.device) -> None:
+        self.rows, self.kv_heads, self.group, self.head_dim = rows, kv_heads, group, head_dim
+        self.n_chunks = triton.cdiv(max(capacity, 1), CHUNK)
+        parts = rows * kv_heads * self.n_chunks * group
+        self.part_o = torch.empty(parts * head_dim, dtype=torch.float32, device=device)
+        self.part_m = torch.empty(parts, dtype=torch.float32, device=device)
+        self.part_l = torch.empty(parts, dtype=torch.float32, device=device)
+        self.locks = torch.zeros(rows * kv_heads, dtype=torch.int32, device=device)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                     scale: float, workspace: DecodeWorkspace, out: torch.Tensor, *,
+                     block_table: torch.Tensor | None = None, sink_query: torch.Tensor | None = None,
+                     n_sink: int = 0, logits: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> None:
+    """out (R, Hq, D) = softmax(q k^T * scale) v over the first lengths[r] cells of each request r.
+
+    q (R, Hq, D); keys/values (S, Hkv, T, D) per-slot storage (row r reads slot r), or with block_table (R, max
+    blocks) a pool (blocks, Hkv, block_size, D); lengths (R,) integer (0: the row is skipped and `out` left as is).
+    sink_query (R, Hq, D) replaces q for cells < n_sink (StreamingLLM's sinks, see strategies/streaming.py).
+    logits (R, Hq, T) float32 receives the scaled scores of the valid cells and lse (R, Hq) their log-sum-exp
+    (H2O's accumulated attention is exp(logits - lse)).
+    """
+    rows, q_heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    group = q_heads // kv_heads
+    if rows > workspace.rows or kv_heads != workspace.kv_heads or group != workspace.group:
+        raise ValueError(f"workspace for {workspace.rows} rows x {workspace.kv_heads} KV heads, got {rows} x {kv_heads}")
+    paged = block_table is not None
+    write_logits = logits is not None
+    table = block_table if paged else lengths
+    logit_buf = logits if write_logits else out
+    lse_buf = lse if write_logits else out
+    grid = (workspace.n_chunks, kv_heads, rows)
+    _decode_attention_kernel[grid](
+        q, sink_query if sink_query is not None else q, keys, values, lengths, table, out,
+        workspace.part_o, workspace.part_m, workspace.part_l, workspace.locks, logit_buf, lse_buf,
+        scale, workspace.n_chunks, kv_heads, n_sink,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2),
+        table.stride(0) if paged else 0, out.stride(0), out.stride(1),
+        logit_buf.stride(0) if write_logits else 0, logit_buf.stride(1) if write_logits else 0,
+        G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, CHUNK=CHUNK, BLOCK_N=BLOCK_N,
+        PAGED=paged, BLOCK_SIZE=keys.shape[2] if paged else 1, HAS_SINK=sink_query is not None,
+        WRITE_LOGITS=write_logits, num_warps=4, num_stages=2,
+    )
+
+
+@triton.jit
+def _add_rmsnorm_kernel(X, DELTA, W, OUT, eps, n_cols, stride_x, stride_d, stride_o,
+                        HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_DELTA:
+        x = x + tl.load(DELTA + row * stride_d + cols, mask=mask, other=0.0)
+        tl.store(X + row * stride_x + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / n_cols + eps)
+    normed = (xf * rstd).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + row * stride_o + cols, (normed * w).to(OUT.dtype.element_ty), mask=mask)
+
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                out: torch.Tensor) -> None:
+    """x += delta (in place, rounded to x's dtype as the residual add of transformers' Llama), then
+    out = weight * rmsnorm(x) with the normalisation in float32: transformers' LlamaRMSNorm in one pass."""
+    rows, cols = x.shape
+    _add_rmsnorm_kernel[(rows,)](
+        x, delta if delta is not None else x, weight, out, eps, cols, x.stride(0),
+        delta.stride(0) if delta is not None else 0, out.stride(0),
+        HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(cols), num_warps=8 if cols >= 4096 else 4,
+    )
+
+
+@triton.jit
+def _rope_kernel(X, COS, SIN, stride_xr, stride_xh, stride_cr, n_heads, HALF: tl.constexpr):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    i = tl.arange(0, HALF)
+    base = X + row * stride_xr + head * stride_xh
+    lo = tl.load(base + i).to(tl.float32)
+    hi = tl.load(base + HALF + i).to(tl.float32)
+    cos_lo = tl.load(COS + row * stride_cr + i).to(tl.float32)
+    cos_hi = tl.load(COS + row * stride_cr + HALF + i).to(tl.float32)
+    sin_lo = tl.load(SIN + row * stride_cr + i).to(tl.float32)
+    sin_hi = tl.load(SIN + row * stride_cr + HALF + i).to(tl.float32)
+    tl.store(base + i, (lo * cos_lo - hi * sin_lo).to(X.dtype.element_ty))
+    tl.store(base + HALF + i, (hi * cos_hi + lo * sin_hi).to(X.dtype.element_ty))
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x (R, H, D) in place by cos/sin (R, D): Llama's rotate-half RoPE, x*cos + rotate_half(x)*sin."""
+    rows, heads, dim = x.shape
+    _rope_kernel[(rows, heads)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), heads, HALF=dim // 2,
+                                num_warps=1)
+
+
+@triton.jit
+def _silu_mul_kernel(GU, OUT, n_cols, stride_g, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(GU + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(GU + row * stride_g + n_cols + cols, mask=mask, other=0.0)
+    act = (gate / (1.0 + tl.exp(-gate))).to(GU.dtype.element_ty)
+    tl.store(OUT + row * stride_o + cols, act * up, mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> None:
+    """out = silu(gate) * up for gate_up = [gate | up] (R, 2I): LlamaMLP's activation in one pass."""
+    rows, cols = out.shape
+    block = 1024
+    _silu_mul_kernel[(rows, triton.cdiv(cols, block))](gate_up, out, cols, gate_up.stride(0), out.stride(0),
+                                                       BLOCK=block, num_warps=4)
