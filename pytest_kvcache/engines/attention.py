@@ -1,5 +1,5 @@
 """Decode attention over what a policy says to attend (an AttendSpec): masked SDPA on CPU, the split-K Triton
-kernel on CUDA (engines/kernels.py).
+kernel on CUDA (pytest_kvcache/kernels.py).
 
 Why a kernel of our own on CUDA: SDPA with a boolean mask and GQA dispatches to cuDNN, which re-plans every step as
 the span grows (~45 ms of host time per step on an H200), and a padded mask reads every row up to the longest; the
@@ -64,7 +64,7 @@ class KernelAttention:
 
     def __init__(self, rows: int, kv_heads: int, q_heads: int, head_dim: int, capacity: int,
                  device: torch.device, want_probs: bool) -> None:
-        from pytest_kvcache.engines import kernels
+        from pytest_kvcache import kernels
 
         self.kernels = kernels
         self.workspace = kernels.DecodeWorkspace(rows, kv_heads, q_heads // kv_heads, head_dim, capacity, device)

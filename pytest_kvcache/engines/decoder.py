@@ -8,7 +8,7 @@ captured: RoPE once (the model's rotary embedding at each row's position), the p
 attention over the policy's AttendSpec, one CUDA graph per batch size. On CPU the step calls the transformers
 modules exactly as transformers does (tests compare it with `generate`); on CUDA it runs fused weights (q/k/v and
 gate/up concatenated, the modules' parameters re-pointed at views of them, so no memory is doubled) and Triton
-kernels for add + RMSNorm, RoPE and SiLU (engines/kernels.py): about a dozen launches per layer instead of ~35.
+kernels for add + RMSNorm, RoPE and SiLU (pytest_kvcache/kernels.py): about a dozen launches per layer instead of ~35.
 The host work per step is one upload of the step fields and reading the new tokens.
 """
 
@@ -108,9 +108,12 @@ def fuse_weights(model: LoadedModel) -> list[FusedLayer]:
 
 
 class Decoder:
-    """Prefill and decode for one cache of `rows` slots; on CUDA with a capturable policy, one graph per batch size."""
+    """Prefill and decode for one cache of `rows` slots; on CUDA with a capturable policy, one graph per batch size.
 
-    def __init__(self, model: LoadedModel, cache: SlotCache, fused: bool | None = None) -> None:
+    kernels: fused weights + Triton kernels for the step (default: on CUDA; on CPU only under TRITON_INTERPRET=1,
+    which the tests use to check the kernels against the module path)."""
+
+    def __init__(self, model: LoadedModel, cache: SlotCache, kernels: bool | None = None) -> None:
         self.model = model
         self.cache = cache
         self.hf = model.model
@@ -119,8 +122,7 @@ class Decoder:
         self.q_heads, self.kv_heads, self.head_dim = config.num_attention_heads, model.num_kv_heads, model.head_dim
         self.scale = self.layers[0].self_attn.scaling
         self.eps = self.layers[0].input_layernorm.variance_epsilon
-        cuda = model.device.type == "cuda"
-        self.fused = cuda if fused is None else fused
+        self.fused = model.device.type == "cuda" if kernels is None else kernels
         self.weights = fuse_weights(model) if self.fused else None
         self.inputs = HostStaged(model.device, cache.n_slots, tokens=1, positions=1)
         self.attention = None
@@ -217,7 +219,7 @@ class Decoder:
         cache = self.cache
         cache.before_attention(layer, hidden, step)
         spec = cache.store(layer, q, k, v, step)
-        if self.model.device.type == "cuda" and (self.attention is None or spec.capacity > self.attention.capacity):
+        if self.fused and (self.attention is None or spec.capacity > self.attention.capacity):
             # sized once for a captured step (static capacity); an eager policy whose spans grow gets a 2x larger one
             from pytest_kvcache.engines.attention import KernelAttention
 
@@ -249,7 +251,7 @@ class Decoder:
 
     def _fused_layers(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """Fused weights and Triton kernels; x (batch, hidden) is updated in place as the residual stream."""
-        from pytest_kvcache.engines import kernels
+        from pytest_kvcache import kernels
 
         batch, hq, hkv, dim = step.batch, self.q_heads, self.kv_heads, self.head_dim
         cos, sin = step.cos.view(batch, dim), step.sin.view(batch, dim)

@@ -61,11 +61,12 @@ def _asked_bytes(error: BaseException) -> str:
 
 
 class HFEngine:
-    """Replays a trace through a transformers model under one KV strategy."""
+    """Replays a trace through a transformers model under one KV strategy (kernels: see Decoder)."""
 
     name = "hf"
 
-    def __init__(self, model: LoadedModel, strategy: KVStrategy, max_batch: int = 32, kv_limit_bytes: int | None = None):
+    def __init__(self, model: LoadedModel, strategy: KVStrategy, max_batch: int = 32, kv_limit_bytes: int | None = None,
+                 kernels: bool | None = None):
         if max_batch < 1:
             raise KVConfigError(f"max_batch must be >= 1, got {max_batch}")
         if kv_limit_bytes is not None and kv_limit_bytes <= 0:
@@ -74,6 +75,7 @@ class HFEngine:
         self.strategy = strategy
         self.max_batch = max_batch
         self.kv_limit_bytes = kv_limit_bytes
+        self.kernels = kernels
         self.cache: SlotCache | None = None
         self.decoder: Decoder | None = None
         self._plan: tuple[int, int] | None = None
@@ -125,7 +127,7 @@ class HFEngine:
                 raise KVOutOfMemory(f"{self.describe(n_slots, slot_tokens)}: needs {need / 2**30:.2f} GiB of KV "
                                     f"storage, {free / 2**30:.2f} GiB free on {self.model.device}")
         self.cache = self.strategy.make_cache(self.model, n_slots, slot_tokens, self.kv_limit_bytes)
-        self.decoder = Decoder(self.model, self.cache)
+        self.decoder = Decoder(self.model, self.cache, self.kernels)
         with routed_attention(self.model):
             self.cache.setup(self.decoder)
         self.decoder.capture(n_slots)

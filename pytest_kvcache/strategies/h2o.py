@@ -22,7 +22,8 @@ Deliberate differences, each for a reason:
 - the new token's K/V is written into one spare slot cell before attention so decode uses the same SDPA call as
   the full cache (exact tokens at budget 1.0); the spare cell is then moved into the evicted token's cell, so
   slots hold budget + 1 cells, which is the reference's own transient size (it concatenates, then drops one).
-- prefill column sums are computed in query chunks, never materialising the P x P matrix.
+- prefill column sums never materialise the P x P matrix: query chunks on CPU, a two-pass Triton kernel on CUDA
+  (each row's log-sum-exp, then exp(score - lse) summed by column).
 - the attention weights of a decode step come from the attention pass itself: on CUDA the split-K kernel writes
   the scaled scores and each query head's log-sum-exp, and exp(score - lse) summed over the group is the score
   update (no second matmul); on CPU the engine computes them beside SDPA. Eviction is tensor work over the slot
@@ -44,7 +45,12 @@ from pytest_kvcache.traces import Request
 
 def prefill_scores(q: torch.Tensor, k: torch.Tensor, scale: float, max_elements: int = 2**26) -> torch.Tensor:
     """Causal-softmax column sums (kv_heads, P) float32 of q (q_heads, P, D) on k (kv_heads, P, D), query heads
-    of a group summed per KV head; query rows go in chunks of at most `max_elements` probabilities."""
+    of a group summed per KV head. On CUDA a fused Triton kernel (pytest_kvcache/kernels.py); on CPU query rows
+    go in chunks of at most `max_elements` probabilities."""
+    if q.is_cuda:
+        from pytest_kvcache.kernels import causal_column_sums
+
+        return causal_column_sums(q, k, scale)
     q_heads, length, dim = q.shape
     kv_heads = k.shape[0]
     grouped = q.reshape(kv_heads, q_heads // kv_heads, length, dim) * scale

@@ -26,10 +26,11 @@ BLOCK_N = 64
 def _decode_attention_kernel(
     Q, QS, K, V, LENGTHS, TABLE, OUT, PART_O, PART_M, PART_L, LOCKS, LOGITS, LSE,
     scale, n_chunks, kv_heads, n_sink,
-    stride_qr, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_qr, stride_qh, stride_sr, stride_sh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_tr, stride_or, stride_oh, stride_lr, stride_lh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_SINK: tl.constexpr, WRITE_LOGITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     head = tl.program_id(1)
@@ -44,7 +45,7 @@ def _decode_attention_kernel(
         q_ptrs = Q + row * stride_qr + q_heads[:, None] * stride_qh + d[None, :]
         q = tl.load(q_ptrs, mask=in_group[:, None], other=0.0)
         if HAS_SINK:
-            qs = tl.load(QS + row * stride_qr + q_heads[:, None] * stride_qh + d[None, :], mask=in_group[:, None],
+            qs = tl.load(QS + row * stride_sr + q_heads[:, None] * stride_sh + d[None, :], mask=in_group[:, None],
                          other=0.0)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)
@@ -61,9 +62,9 @@ def _decode_attention_kernel(
                 k_off = row * stride_kb + head * stride_kh + cells * stride_kt
                 v_off = row * stride_vb + head * stride_vh + cells * stride_vt
             k = tl.load(K + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             if HAS_SINK:
-                s_sink = tl.dot(qs, tl.trans(k)) * scale
+                s_sink = tl.dot(qs, tl.trans(k), input_precision=PRECISION) * scale
                 s = tl.where((cells < n_sink)[None, :], s_sink, s)
             s = tl.where(valid[None, :], s, float("-inf"))
             if WRITE_LOGITS:
@@ -74,7 +75,7 @@ def _decode_attention_kernel(
             p = tl.exp(s - m_new[:, None])
             l = l * alpha + tl.sum(p, 1)
             v = tl.load(V + v_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
         part = (row * kv_heads + head) * n_chunks + chunk
         tl.store(PART_O + (part * G + g[:, None]) * D + d[None, :], acc, mask=in_group[:, None])
@@ -143,19 +144,25 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     table = block_table if paged else lengths
     logit_buf = logits if write_logits else out
     lse_buf = lse if write_logits else out
+    sink = sink_query if sink_query is not None else q
     grid = (workspace.n_chunks, kv_heads, rows)
     _decode_attention_kernel[grid](
-        q, sink_query if sink_query is not None else q, keys, values, lengths, table, out,
+        q, sink, keys, values, lengths, table, out,
         workspace.part_o, workspace.part_m, workspace.part_l, workspace.locks, logit_buf, lse_buf,
         scale, workspace.n_chunks, kv_heads, n_sink,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        q.stride(0), q.stride(1), sink.stride(0), sink.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         table.stride(0) if paged else 0, out.stride(0), out.stride(1),
         logit_buf.stride(0) if write_logits else 0, logit_buf.stride(1) if write_logits else 0,
         G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, CHUNK=CHUNK, BLOCK_N=BLOCK_N,
         PAGED=paged, BLOCK_SIZE=keys.shape[2] if paged else 1, HAS_SINK=sink_query is not None,
-        WRITE_LOGITS=write_logits, num_warps=4, num_stages=2,
+        WRITE_LOGITS=write_logits, PRECISION=_precision(q), num_warps=4, num_stages=2,
     )
+
+
+def _precision(x: torch.Tensor) -> str:
+    """float32 inputs get exact products (not TF32), so fp32 runs match the torch path; bf16/fp16 use the MMA."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -227,3 +234,70 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> None:
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(cols, block))](gate_up, out, cols, gate_up.stride(0), out.stride(0),
                                                        BLOCK=block, num_warps=4)
+
+
+@triton.jit
+def _row_lse_kernel(Q, K, LSE, scale, length, stride_qh, stride_qp, stride_kh, stride_kp,
+                    G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    block = tl.program_id(0)
+    q_head = tl.program_id(1)
+    rows = block * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, D)
+    q = tl.load(Q + q_head * stride_qh + rows[:, None] * stride_qp + d[None, :], mask=(rows < length)[:, None],
+                other=0.0)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK], tl.float32)
+    for n0 in range(0, (block + 1) * BLOCK, BLOCK):
+        cols = n0 + tl.arange(0, BLOCK)
+        k = tl.load(K + (q_head // G) * stride_kh + cols[:, None] * stride_kp + d[None, :],
+                    mask=(cols < length)[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where((cols[None, :] <= rows[:, None]) & (cols < length)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m = m_new
+    tl.store(LSE + q_head * length + rows, m + tl.log(l), mask=rows < length)
+
+
+@triton.jit
+def _column_sum_kernel(Q, K, LSE, OUT, scale, length, stride_qh, stride_qp, stride_kh, stride_kp,
+                       G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, D)
+    k = tl.load(K + kv_head * stride_kh + cols[:, None] * stride_kp + d[None, :], mask=(cols < length)[:, None],
+                other=0.0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for g in range(G):
+        q_head = kv_head * G + g
+        for m0 in range(block * BLOCK, length, BLOCK):
+            rows = m0 + tl.arange(0, BLOCK)
+            in_rows = rows < length
+            q = tl.load(Q + q_head * stride_qh + rows[:, None] * stride_qp + d[None, :], mask=in_rows[:, None],
+                        other=0.0)
+            lse = tl.load(LSE + q_head * length + rows, mask=in_rows, other=float("inf"))
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            p = tl.exp(s - lse[:, None])
+            p = tl.where((cols[None, :] <= rows[:, None]) & in_rows[:, None] & (cols < length)[None, :], p, 0.0)
+            acc += tl.sum(p, 0)
+    tl.store(OUT + kv_head * length + cols, acc, mask=cols < length)
+
+
+def causal_column_sums(q: torch.Tensor, k: torch.Tensor, scale: float, block: int = 64) -> torch.Tensor:
+    """(Hkv, P) float32: for each key, the causal softmax weight every query row gave it, summed over rows and
+    over the query heads of its KV head; q (Hq, P, D), k (Hkv, P, D). Two FlashAttention-style passes (each
+    row's log-sum-exp, then exp(s - lse) summed by column), never materialising the P x P matrix: H2O's prefill
+    scores at the cost of one causal QK^T."""
+    q_heads, length, dim = q.shape
+    kv_heads = k.shape[0]
+    q, k = q.contiguous(), k.contiguous()
+    lse = torch.empty((q_heads, length), dtype=torch.float32, device=q.device)
+    out = torch.empty((kv_heads, length), dtype=torch.float32, device=q.device)
+    blocks = triton.cdiv(length, block)
+    common = dict(G=q_heads // kv_heads, D=dim, BLOCK=block, PRECISION=_precision(q), num_warps=4)
+    _row_lse_kernel[(blocks, q_heads)](q, k, lse, scale, length, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                                       **common)
+    _column_sum_kernel[(blocks, kv_heads)](q, k, lse, out, scale, length, q.stride(0), q.stride(1), k.stride(0),
+                                           k.stride(1), **common)
+    return out

@@ -1,0 +1,238 @@
+"""How close the hf engine's CUDA decode step comes to the bandwidth roofline, and what eviction buys on a GPU.
+
+Measures on one GPU, in bf16, with the engine's own code path (HFEngine.run: batched prefill, then decode steps
+replayed from CUDA graphs and timed with CUDA events):
+  1. the copy bandwidth (2 GiB device-to-device, bytes read + written): the roofline's denominator;
+  2. full-cache decode: ms per step and roofline fraction = (weight bytes + valid KV bytes a step reads) / step
+     time / copy bandwidth, for the issue's shapes (8B b1 ctx 2k, 8B b32 ctx 2k, 8B b32 ctx 8k, 1B b8 ctx 2k);
+  3. a 20% KV budget at 8B, batch 32, context 8k: streaming and h2o decode tokens/s against the full cache's;
+  4. decode attention alone over a ragged batch (8B layer: 32 query / 8 KV heads, d 128; batch 32, lengths uniform
+     in 512-4096): the split-K kernel, padded SDPA with a mask, and FlexAttention, as a fraction of the bytes the
+     valid KV needs per layer (each captured in a CUDA graph).
+
+    python benchmarks/gpu_decode.py --out benchmarks/results/gpu-decode-h200   (writes .json and .md)
+    python benchmarks/gpu_decode.py --only attention                           (one part)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pytest_kvcache.engines.hf import HFEngine
+from pytest_kvcache.engines.roofline import copy_bandwidth, weight_bytes
+from pytest_kvcache.models import load_model
+from pytest_kvcache.strategies import parse_strategy
+from pytest_kvcache.traces import Request, Trace
+
+DECODE_CASES = [  # (model, batch, context, target fraction of the roofline from the issue)
+    ("llama-8b", 1, 2048, 0.75),
+    ("llama-8b", 32, 2048, 0.75),
+    ("llama-8b", 32, 8192, 0.85),
+    ("llama-1b", 8, 2048, 0.55),
+]
+BUDGET_CASE = ("llama-8b", 32, 8192)
+BUDGET_TARGETS = {"streaming:budget=0.2": 1.9, "h2o:budget=0.2": 1.7}
+STEPS = 64
+
+
+def burst(model, batch: int, context: int, steps: int = STEPS, seed: int = 0) -> Trace:
+    """`batch` requests at t=0 whose contexts run from context - steps/2 to context + steps/2."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt = context - steps // 2
+    return Trace(tuple(
+        Request(f"r{i}", 0.0, tuple(torch.randint(4, model.vocab_size, (prompt,), generator=gen).tolist()), steps)
+        for i in range(batch)
+    ))
+
+
+def decode_case(model, strategy: str, batch: int, context: int) -> dict:
+    """One replay of a burst through the engine: its decode-step median and roofline fraction (CUDA events)."""
+    engine = HFEngine(model, parse_strategy(strategy), max_batch=batch)
+    trace = burst(model, batch, context)
+    engine.run(trace)  # set-up (cache, graphs, Triton compiles) and a first pass
+    started = time.perf_counter()
+    result = engine.run(trace)
+    wall = time.perf_counter() - started
+    step_ms = result.extra["decode_step_ms"]
+    out = {
+        "model": model.name, "strategy": strategy, "batch": batch, "context": context, "steps": STEPS,
+        "decode_step_ms": step_ms, "roofline_fraction": result.extra["roofline_fraction"],
+        "decode_tok_s": batch / step_ms * 1e3, "replay_s": wall,
+        "weight_bytes": weight_bytes(model), "kv_peak_bytes": result.counters.peak_resident_bytes,
+    }
+    del engine
+    torch.cuda.empty_cache()
+    return out
+
+
+def ragged_attention(bandwidth: float, batch: int = 32, low: int = 512, high: int = 4096) -> list[dict]:
+    """Decode attention of one 8B layer over a ragged batch: bytes the valid KV needs / time / bandwidth."""
+    from pytest_kvcache.engines.attention import KernelAttention
+    from pytest_kvcache.strategies.base import AttendSpec
+
+    q_heads, kv_heads, dim, dtype = 32, 8, 128, torch.bfloat16
+    gen = torch.Generator().manual_seed(1)
+    lengths_list = torch.randint(low, high + 1, (batch,), generator=gen).tolist()
+    lengths = torch.tensor(lengths_list, device="cuda")
+    cells = high
+    keys = torch.randn(batch, kv_heads, cells, dim, device="cuda", dtype=dtype)
+    values = torch.randn_like(keys)
+    q = torch.randn(batch, q_heads, dim, device="cuda", dtype=dtype)
+    valid_bytes = sum(lengths_list) * kv_heads * dim * 2 * 2
+    scale = dim**-0.5
+    mask = (torch.arange(cells, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
+
+    kernel = KernelAttention(batch, kv_heads, q_heads, dim, cells, torch.device("cuda"), want_probs=False)
+    spec = AttendSpec(keys, values, lengths, max(lengths_list))
+
+    def split_k():
+        return kernel(q, spec, scale)[0]
+
+    def padded_sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask,
+                                                                scale=scale, enable_gqa=True)
+
+    variants = {"split-K Triton kernel (ours)": split_k, "padded SDPA + mask": padded_sdpa}
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def valid_cell(b, h, q_idx, kv_idx):
+            return kv_idx < lengths[b]
+
+        block_mask = create_block_mask(valid_cell, batch, None, 1, cells, device="cuda")
+        compiled = torch.compile(flex_attention)
+
+        def flex():
+            return compiled(q[:, :, None], keys, values, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+        variants["FlexAttention (compiled)"] = flex
+    except Exception as error:  # noqa: BLE001 - recorded as a result, the other variants still run
+        variants["FlexAttention (compiled)"] = error
+    reference = padded_sdpa()[:, :, 0].float()
+    rows = []
+    for name, fn in variants.items():
+        if isinstance(fn, Exception):
+            rows.append({"variant": name, "error": f"{type(fn).__name__}: {fn}"[:300]})
+            continue
+        try:
+            out = fn()
+            out = out[:, :, 0] if out.dim() == 4 else out
+            error = float((out.float() - reference).norm() / reference.norm())
+            ms = _graph_time(fn)
+            rows.append({"variant": name, "ms": ms, "valid_kv_fraction": valid_bytes / (ms / 1e3) / bandwidth,
+                         "relative_error_vs_sdpa": error})
+        except Exception as failure:  # noqa: BLE001 - recorded as a result
+            rows.append({"variant": name, "error": f"{type(failure).__name__}: {failure}"[:300]})
+    return rows
+
+
+def _graph_time(fn, replays: int = 50) -> float:
+    """Median ms of one call, captured in a CUDA graph (as the engine runs it), after warm-ups."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# GPU decode on {report['gpu']}", "",
+             f"`{report['command']}` ({report['created']}); torch {report['torch']}, bf16; copy bandwidth "
+             f"{report['bandwidth_tb_s']:.2f} TB/s (read + written).", ""]
+    if report.get("decode"):
+        lines += ["## Full-cache decode step vs the bandwidth roofline", "",
+                  "| model | batch | context | ms/step | roofline | target |", "|---|---|---|---|---|---|"]
+        for row in report["decode"]:
+            lines.append(f"| {row['model']} | {row['batch']} | {row['context']} | {row['decode_step_ms']:.2f} | "
+                         f"{row['roofline_fraction']:.0%} | {row['target']:.0%} |")
+    if report.get("budget"):
+        lines += ["", "## 20% KV budget (8B, batch 32, context 8k): decode tokens/s vs the full cache", "",
+                  "| strategy | ms/step | decode tok/s | x full | target |", "|---|---|---|---|---|"]
+        for row in report["budget"]:
+            lines.append(f"| {row['strategy']} | {row['decode_step_ms']:.2f} | {row['decode_tok_s']:.0f} | "
+                         f"{row['speedup']:.2f} | {row.get('target', '-')} |")
+    if report.get("attention"):
+        lines += ["", "## Decode attention, ragged batch (8B layer, batch 32, lengths 512-4096)", "",
+                  "| variant | us/layer | valid-KV bandwidth | rel. error vs SDPA |", "|---|---|---|---|"]
+        for row in report["attention"]:
+            if "error" in row:
+                lines.append(f"| {row['variant']} | failed: {row['error']} | | |")
+            else:
+                lines.append(f"| {row['variant']} | {row['ms'] * 1e3:.1f} | {row['valid_kv_fraction']:.0%} | "
+                             f"{row['relative_error_vs_sdpa']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/gpu-decode", help="output path without suffix")
+    parser.add_argument("--only", choices=["decode", "budget", "attention"], action="append",
+                        help="run only these parts (repeatable; default: all)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_decode.py needs a CUDA device", file=sys.stderr)
+        return 2
+    parts = args.only or ["decode", "budget", "attention"]
+    bandwidth = copy_bandwidth("cuda")
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+              "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(["python"] + sys.argv),
+              "bandwidth_tb_s": bandwidth / 1e12}
+    models = {}
+
+    def model(name):
+        if name not in models:
+            models.clear()
+            torch.cuda.empty_cache()
+            models[name] = load_model(name, "cuda")
+        return models[name]
+
+    if "attention" in parts:
+        report["attention"] = ragged_attention(bandwidth)
+        print(json.dumps(report["attention"]), flush=True)
+    if "decode" in parts:
+        report["decode"] = []
+        for name, batch, context, target in DECODE_CASES:
+            row = decode_case(model(name), "full", batch, context)
+            row["target"] = target
+            report["decode"].append(row)
+            print(json.dumps(row), flush=True)
+    if "budget" in parts:
+        name, batch, context = BUDGET_CASE
+        full = decode_case(model(name), "full", batch, context)
+        full["speedup"] = 1.0
+        report["budget"] = [full]
+        for strategy, target in BUDGET_TARGETS.items():
+            row = decode_case(model(name), strategy, batch, context)
+            row["speedup"], row["target"] = full["decode_step_ms"] / row["decode_step_ms"], target
+            report["budget"].append(row)
+            print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The Triton kernels of the CUDA decode step against plain-torch references, and the engine's kernel path against
+its module path. tests/test_kernels.py runs this file in its own process: on CUDA as it is, elsewhere in Triton's
+interpreter (TRITON_INTERPRET=1, float32), which must be set before anything imports triton."""
+
+import math
+
+import pytest
+import torch
+
+from pytest_kvcache import kernels
+from pytest_kvcache.engines.attention import attention_weights
+from pytest_kvcache.engines.hf import HFEngine
+from pytest_kvcache.models import load_model
+from pytest_kvcache.strategies import parse_strategy
+from pytest_kvcache.strategies.h2o import prefill_scores
+from pytest_kvcache.traces import TraceSpec, synthetic
+
+CUDA = torch.cuda.is_available()
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+TOLERANCE = 2e-2 if CUDA else 1e-5
+
+
+def reference(q, keys, values, lengths, scale, table=None, sink=None, n_sink=0):
+    """Per row: softmax over its first lengths[r] cells (gathered through the block table), float64."""
+    rows, q_heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    out, logits = torch.zeros(rows, q_heads, dim, dtype=torch.float64), {}
+    for r in range(rows):
+        n = int(lengths[r])
+        if n == 0:
+            continue
+        if table is not None:
+            blocks = table[r, : math.ceil(n / keys.shape[2])]
+            k = keys[blocks].transpose(0, 1).reshape(kv_heads, -1, dim)[:, :n]
+            v = values[blocks].transpose(0, 1).reshape(kv_heads, -1, dim)[:, :n]
+        else:
+            k, v = keys[r, :, :n], values[r, :, :n]
+        k = k.double().repeat_interleave(q_heads // kv_heads, 0)
+        v = v.double().repeat_interleave(q_heads // kv_heads, 0)
+        s = torch.einsum("hd,hnd->hn", q[r].double(), k) * scale
+        if sink is not None:
+            s[:, :n_sink] = torch.einsum("hd,hnd->hn", sink[r].double(), k[:, :n_sink]) * scale
+        logits[r] = s
+        out[r] = torch.einsum("hn,hnd->hd", s.softmax(-1), v)
+    return out, logits
+
+
+def rand(*shape):
+    return torch.randn(*shape, device=DEVICE).to(DTYPE)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 2, 32, 600), (2, 9, 3, 64, 300), (4, 4, 4, 16, 70)],
+                         ids=["gqa4-3chunks", "gqa3-smollm2-heads", "mha"])
+def test_split_k_attention_matches_reference(shape):
+    """Ragged lengths (one spanning 3 chunks, one of 1 cell, one empty), logits and log-sum-exp, sink query;
+    every valid output row is written, the counters are reset for the next launch."""
+    rows, q_heads, kv_heads, dim, cells = shape
+    q, sink = rand(rows, q_heads, dim), rand(rows, q_heads, dim)
+    keys, values = rand(rows + 1, kv_heads, cells, dim), rand(rows + 1, kv_heads, cells, dim)
+    lengths = torch.tensor([cells, 1, 257, 0][:rows], device=DEVICE).clamp(max=cells)
+    workspace = kernels.DecodeWorkspace(rows, kv_heads, q_heads // kv_heads, dim, cells, DEVICE)
+    out = torch.full((rows, q_heads, dim), float("nan"), dtype=DTYPE, device=DEVICE)
+    logits = torch.full((rows, q_heads, cells), float("nan"), device=DEVICE)
+    lse = torch.zeros(rows, q_heads, device=DEVICE)
+    kernels.decode_attention(q, keys, values, lengths, 0.1, workspace, out, sink_query=sink, n_sink=4,
+                             logits=logits, lse=lse)
+    expected, expected_logits = reference(q.cpu(), keys.cpu(), values.cpu(), lengths.cpu(), 0.1, sink=sink.cpu(),
+                                          n_sink=4)
+    for r, s in expected_logits.items():
+        n = int(lengths[r])
+        torch.testing.assert_close(out[r].double().cpu(), expected[r], atol=TOLERANCE, rtol=TOLERANCE)
+        torch.testing.assert_close(logits[r, :, :n].double().cpu(), s, atol=TOLERANCE, rtol=TOLERANCE)
+        torch.testing.assert_close(lse[r].double().cpu(), torch.logsumexp(s, -1), atol=TOLERANCE, rtol=TOLERANCE)
+    assert int(workspace.locks.sum()) == 0
+
+
+def test_split_k_attention_through_a_block_table():
+    """Paged layout: each row's cells live in scattered blocks of 16; 190 cells span 12 blocks and 1 chunk."""
+    rows, q_heads, kv_heads, dim, block, n_blocks = 3, 8, 2, 32, 16, 40
+    keys, values = rand(n_blocks, kv_heads, block, dim), rand(n_blocks, kv_heads, block, dim)
+    gen = torch.Generator().manual_seed(0)
+    table = torch.stack([torch.randperm(n_blocks, generator=gen)[:12] for _ in range(rows)]).to(DEVICE)
+    lengths = torch.tensor([190, 17, 64], device=DEVICE)
+    q = rand(rows, q_heads, dim)
+    workspace = kernels.DecodeWorkspace(rows, kv_heads, q_heads // kv_heads, dim, 12 * block, DEVICE)
+    out = torch.empty(rows, q_heads, dim, dtype=DTYPE, device=DEVICE)
+    kernels.decode_attention(q, keys, values, lengths, 0.2, workspace, out, block_table=table)
+    expected, _ = reference(q.cpu(), keys.cpu(), values.cpu(), lengths.cpu(), 0.2, table=table.cpu())
+    torch.testing.assert_close(out.double().cpu(), expected, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_h2o_weights_from_logits_equal_a_second_pass():
+    """exp(logits - lse) summed over the group is the softmax weight matrix a separate pass computes."""
+    rows, q_heads, kv_heads, dim, cells = 2, 8, 2, 32, 300
+    q, keys, values = rand(rows, q_heads, dim), rand(rows, kv_heads, cells, dim), rand(rows, kv_heads, cells, dim)
+    lengths = torch.tensor([300, 129], device=DEVICE)
+    workspace = kernels.DecodeWorkspace(rows, kv_heads, q_heads // kv_heads, dim, cells, DEVICE)
+    logits = torch.empty(rows, q_heads, cells, device=DEVICE)
+    lse = torch.empty(rows, q_heads, device=DEVICE)
+    out = torch.empty(rows, q_heads, dim, dtype=DTYPE, device=DEVICE)
+    kernels.decode_attention(q, keys, values, lengths, 0.1, workspace, out, logits=logits, lse=lse)
+    weights = torch.exp(logits - lse[..., None]).masked_fill(torch.arange(cells, device=DEVICE) >= lengths[:, None, None], 0)
+    grouped = weights.view(rows, kv_heads, -1, cells).sum(2)
+    valid = torch.arange(cells, device=DEVICE)[None, :] < lengths[:, None]
+    torch.testing.assert_close(grouped, attention_weights(q, keys, valid, 0.1), atol=TOLERANCE, rtol=TOLERANCE)
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 100, 32), (9, 3, 130, 64)])
+def test_causal_column_sums_equal_the_chunked_softmax(shape):
+    """H2O's prefill scores: the two-pass kernel against explicit causal softmax column sums."""
+    q_heads, kv_heads, length, dim = shape
+    q, k = rand(q_heads, length, dim), rand(kv_heads, length, dim)
+    expected = prefill_scores(q.cpu().float(), k.cpu().float(), 0.3)
+    got = kernels.causal_column_sums(q, k, 0.3).cpu()
+    torch.testing.assert_close(got, expected, atol=TOLERANCE * 10, rtol=TOLERANCE)
+    assert abs(float(got.sum()) - q_heads * length) < TOLERANCE * q_heads * length
+
+
+def test_fused_elementwise_kernels():
+    """add + RMSNorm (residual updated in place), rotate-half RoPE in place, SiLU(gate) * up."""
+    x, delta, weight = rand(5, 100), rand(5, 100), rand(100)
+    expected_x = x.float() + delta.float()
+    expected = weight.float() * (expected_x * torch.rsqrt(expected_x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    out = torch.empty_like(x)
+    kernels.add_rmsnorm(x, delta, weight, 1e-5, out)
+    torch.testing.assert_close(x.float(), expected_x, atol=TOLERANCE, rtol=TOLERANCE)
+    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE * 4, rtol=TOLERANCE * 4)
+    heads = rand(3, 5, 16)
+    cos, sin = rand(3, 16), rand(3, 16)
+    half = torch.cat([-heads[..., 8:], heads[..., :8]], -1)
+    expected = heads.float() * cos[:, None].float() + half.float() * sin[:, None].float()
+    kernels.rope_(heads, cos, sin)
+    torch.testing.assert_close(heads.float(), expected, atol=TOLERANCE, rtol=TOLERANCE)
+    gate_up = rand(4, 2 * 3000)
+    act = torch.empty(4, 3000, dtype=DTYPE, device=DEVICE)
+    kernels.silu_mul(gate_up, act)
+    expected = torch.nn.functional.silu(gate_up[:, :3000].float()) * gate_up[:, 3000:].float()
+    torch.testing.assert_close(act.float(), expected, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+@pytest.mark.skipif(CUDA, reason="exactness on CPU in float32; the GPU check is tests/test_cuda.py")
+@pytest.mark.parametrize("spec", ["full", "streaming:budget=20", "h2o:budget=0.4", "paged:block_size=8"])
+def test_engine_kernel_path_gives_the_module_paths_tokens(spec):
+    """The fused-weights step with the Triton kernels (what CUDA runs) decodes the same greedy tokens and counters as
+    the transformers-module step, with eviction (streaming's sink query, H2O's weights from logits) and paging."""
+    tiny = load_model("tiny")
+    trace = synthetic(TraceSpec(num_requests=3, rate=math.inf, prompt_len=40, output_len=4, range_ratio=0.3,
+                                vocab_size=tiny.vocab_size, seed=3))
+    modules = HFEngine(tiny, parse_strategy(spec)).run(trace)
+    fused = HFEngine(tiny, parse_strategy(spec), kernels=True).run(trace)
+    assert [r.output_ids for r in fused.records] == [r.output_ids for r in modules.records]
+    assert fused.counters == modules.counters
