@@ -40,6 +40,8 @@ DECODE_CASES = [  # (model, batch, context, target fraction of the roofline from
 BUDGET_CASE = ("llama-8b", 32, 8192)
 BUDGET_TARGETS = {"streaming:budget=0.2": 1.9, "h2o:budget=0.2": 1.7}
 STEPS = 64
+PROFILE_CASES = [("llama-1b", "full", 8, 2048), ("llama-8b", "full", 1, 2048),
+                 ("llama-8b", "streaming:budget=0.2", 32, 8192), ("llama-8b", "h2o:budget=0.2", 32, 8192)]
 
 
 def burst(model, batch: int, context: int, steps: int = STEPS, seed: int = 0) -> Trace:
@@ -70,6 +72,41 @@ def decode_case(model, strategy: str, batch: int, context: int) -> dict:
     del engine
     torch.cuda.empty_cache()
     return out
+
+
+def profile_step(model, strategy: str, batch: int, context: int, steps: int = 8) -> dict:
+    """CUDA kernels of eager decode steps (the graph replays the same ones): launches per step and GPU time by
+    kernel, to see where a step's time goes."""
+    from pytest_kvcache.engines.decoder import routed_attention
+
+    engine = HFEngine(model, parse_strategy(strategy), max_batch=batch)
+    trace = burst(model, batch, context)
+    plan = engine.plan_slots(trace)
+    with torch.inference_mode():
+        engine._setup(*plan)
+        cache, decoder = engine.cache, engine.decoder
+        with routed_attention(model):
+            for slot, request in enumerate(trace.requests):
+                cache.admit(slot, request)
+            logits = decoder.prefill(list(range(batch)), [list(r.prompt_ids) for r in trace.requests])
+        for slot, request in enumerate(trace.requests):
+            cache.finish_prefill(slot, len(request.prompt_ids))
+        tokens = logits.argmax(-1).tolist()
+        graphs, decoder.graphs = decoder.graphs, {}
+        tokens = decoder.decode(batch, tokens).tolist()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                tokens = decoder.decode(batch, tokens).tolist()
+        decoder.graphs = graphs
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: -e.device_time_total)
+    total_us = sum(e.device_time_total for e in kernels) / steps
+    rows = [{"kernel": e.key[:90], "calls_per_step": e.count / steps, "us_per_step": e.device_time_total / steps}
+            for e in kernels[:25]]
+    del engine
+    torch.cuda.empty_cache()
+    return {"model": model.name, "strategy": strategy, "batch": batch, "context": context,
+            "launches_per_step": sum(e.count for e in kernels) / steps, "gpu_us_per_step": total_us, "top": rows}
 
 
 def ragged_attention(bandwidth: float, batch: int = 32, low: int = 512, high: int = 4096) -> list[dict]:
@@ -171,6 +208,12 @@ def markdown(report: dict) -> str:
         for row in report["budget"]:
             lines.append(f"| {row['strategy']} | {row['decode_step_ms']:.2f} | {row['decode_tok_s']:.0f} | "
                          f"{row['speedup']:.2f} | {row.get('target', '-')} |")
+    for entry in report.get("profile", []):
+        lines += ["", f"## Profile: {entry['model']} {entry['strategy']} batch {entry['batch']} context "
+                      f"{entry['context']} ({entry['launches_per_step']:.0f} launches, "
+                      f"{entry['gpu_us_per_step']:.0f} us of kernels per eager step)", "",
+                  "| kernel | calls/step | us/step |", "|---|---|---|"]
+        lines += [f"| `{row['kernel']}` | {row['calls_per_step']:.0f} | {row['us_per_step']:.1f} |" for row in entry["top"]]
     if report.get("attention"):
         lines += ["", "## Decode attention, ragged batch (8B layer, batch 32, lengths 512-4096)", "",
                   "| variant | us/layer | valid-KV bandwidth | rel. error vs SDPA |", "|---|---|---|---|"]
@@ -186,13 +229,13 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/gpu-decode", help="output path without suffix")
-    parser.add_argument("--only", choices=["decode", "budget", "attention"], action="append",
+    parser.add_argument("--only", choices=["decode", "budget", "attention", "profile"], action="append",
                         help="run only these parts (repeatable; default: all)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_decode.py needs a CUDA device", file=sys.stderr)
         return 2
-    parts = args.only or ["decode", "budget", "attention"]
+    parts = args.only or ["decode", "budget", "attention"]  # profile only when asked
     bandwidth = copy_bandwidth("cuda")
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
               "created": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(["python"] + sys.argv),
@@ -206,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
             models[name] = load_model(name, "cuda")
         return models[name]
 
+    if "profile" in parts:
+        report["profile"] = [profile_step(model(name), strategy, batch, context) for name, strategy, batch, context
+                             in PROFILE_CASES]
+        for entry in report["profile"]:
+            print(json.dumps(entry), flush=True)
     if "attention" in parts:
         report["attention"] = ragged_attention(bandwidth)
         print(json.dumps(report["attention"]), flush=True)

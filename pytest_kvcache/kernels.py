@@ -64,8 +64,9 @@ def _decode_attention_kernel(
             k = tl.load(K + k_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             if HAS_SINK:
-                s_sink = tl.dot(qs, tl.trans(k), input_precision=PRECISION) * scale
-                s = tl.where((cells < n_sink)[None, :], s_sink, s)
+                if n0 < n_sink:
+                    s_sink = tl.dot(qs, tl.trans(k), input_precision=PRECISION) * scale
+                    s = tl.where((cells < n_sink)[None, :], s_sink, s)
             s = tl.where(valid[None, :], s, float("-inf"))
             if WRITE_LOGITS:
                 l_ptrs = LOGITS + row * stride_lr + q_heads[:, None] * stride_lh + cells[None, :]
@@ -300,4 +301,56 @@ def causal_column_sums(q: torch.Tensor, k: torch.Tensor, scale: float, block: in
                                        **common)
     _column_sum_kernel[(blocks, kv_heads)](q, k, lse, out, scale, length, q.stride(0), q.stride(1), k.stride(0),
                                            k.stride(1), **common)
+    return out
+
+
+@triton.jit
+def _store_kv_kernel(K, V, NEW_K, NEW_V, OUTER, CELL, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
+                     stride_vt, stride_nkr, stride_nkh, stride_nvr, stride_nvh, D: tl.constexpr):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    outer = tl.load(OUTER + row)
+    cell = tl.load(CELL + row)
+    d = tl.arange(0, D)
+    k = tl.load(NEW_K + row * stride_nkr + head * stride_nkh + d)
+    v = tl.load(NEW_V + row * stride_nvr + head * stride_nvh + d)
+    tl.store(K + outer * stride_kb + head * stride_kh + cell * stride_kt + d, k)
+    tl.store(V + outer * stride_vb + head * stride_vh + cell * stride_vt + d, v)
+
+
+def store_kv(keys: torch.Tensor, values: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
+             outer: torch.Tensor, cell: torch.Tensor) -> None:
+    """keys[outer[r], :, cell[r]] = new_k[r] (and values) for every row r in one launch: keys/values (X, Hkv, T,
+    D) are a layer's slots (outer = slot) or block pool (outer = block, cell = offset); new_k/new_v (R, Hkv, D)."""
+    rows, heads, dim = new_k.shape
+    _store_kv_kernel[(rows, heads)](
+        keys, values, new_k, new_v, outer, cell, keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
+        values.stride(1), values.stride(2), new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
+        D=dim, num_warps=1,
+    )
+
+
+@triton.jit
+def _rope_into_kernel(X, OUT, COS, SIN, stride_xr, stride_xh, stride_or, stride_oh, stride_cr, HALF: tl.constexpr):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    i = tl.arange(0, HALF)
+    src = X + row * stride_xr + head * stride_xh
+    dst = OUT + row * stride_or + head * stride_oh
+    lo = tl.load(src + i).to(tl.float32)
+    hi = tl.load(src + HALF + i).to(tl.float32)
+    cos_lo = tl.load(COS + row * stride_cr + i).to(tl.float32)
+    cos_hi = tl.load(COS + row * stride_cr + HALF + i).to(tl.float32)
+    sin_lo = tl.load(SIN + row * stride_cr + i).to(tl.float32)
+    sin_hi = tl.load(SIN + row * stride_cr + HALF + i).to(tl.float32)
+    tl.store(dst + i, (lo * cos_lo - hi * sin_lo).to(OUT.dtype.element_ty))
+    tl.store(dst + HALF + i, (hi * cos_hi + lo * sin_hi).to(OUT.dtype.element_ty))
+
+
+def rope_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """A rotated copy of x (R, H, D) by cos/sin (R, D) (x is left as it is)."""
+    rows, heads, dim = x.shape
+    out = torch.empty((rows, heads, dim), dtype=x.dtype, device=x.device)
+    _rope_into_kernel[(rows, heads)](x, out, cos, sin, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+                                     cos.stride(0), HALF=dim // 2, num_warps=1)
     return out

@@ -20,7 +20,9 @@ def step(cache, batch):
     """The engine's Step for slots 0..batch-1 (after cache.prepare)."""
     positions = torch.tensor(cache.seen[:batch])
     cos, sin = cache.angles(positions[:, None])
-    return Step(batch, positions, cos, sin)
+    step = Step(batch, positions, cos, sin)
+    cache.begin_step(step)
+    return step
 
 
 def decode(cache, layer, q, k, v, scale, at=None):

@@ -152,3 +152,20 @@ def test_engine_kernel_path_gives_the_module_paths_tokens(spec):
     fused = HFEngine(tiny, parse_strategy(spec), kernels=True).run(trace)
     assert [r.output_ids for r in fused.records] == [r.output_ids for r in modules.records]
     assert fused.counters == modules.counters
+
+
+def test_token_store_and_out_of_place_rope():
+    """store_kv writes each row's K/V at (outer, cell) of a layer's storage; rope_into leaves its input alone."""
+    keys, values = rand(5, 2, 9, 16), rand(5, 2, 9, 16)
+    new_k, new_v = rand(3, 2, 16), rand(3, 2, 16)
+    outer, cell = torch.tensor([4, 0, 2], device=DEVICE), torch.tensor([8, 0, 3], device=DEVICE)
+    expected_k, expected_v = keys.clone(), values.clone()
+    expected_k[outer, :, cell], expected_v[outer, :, cell] = new_k, new_v
+    kernels.store_kv(keys, values, new_k, new_v, outer, cell)
+    assert torch.equal(keys, expected_k) and torch.equal(values, expected_v)
+    x, cos, sin = rand(3, 4, 16), rand(3, 16), rand(3, 16)
+    before = x.clone()
+    half = torch.cat([-x[..., 8:], x[..., :8]], -1)
+    expected = x.float() * cos[:, None].float() + half.float() * sin[:, None].float()
+    torch.testing.assert_close(kernels.rope_into(x, cos, sin).float(), expected, atol=TOLERANCE, rtol=TOLERANCE)
+    assert torch.equal(x, before)

@@ -210,6 +210,7 @@ class Decoder:
         x = self.hf.model.embed_tokens(ids)
         cos, sin = self.hf.model.rotary_emb(x, positions[:, None])
         step = Step(batch, positions, cos, sin)
+        self.cache.begin_step(step)
         if self.fused:
             return self._fused_layers(x, step)
         return self._module_layers(x, step)

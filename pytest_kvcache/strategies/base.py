@@ -258,15 +258,29 @@ class SlotCache:
         """KV bytes the last prepared step's attention must read (the roofline's KV term)."""
         return self.attended * self.token_bytes
 
+    def begin_step(self, step: Step) -> None:
+        """Once per decode step, inside the (captured) step, before the first layer: per-step device work shared
+        by all layers (StreamingLLM's sink angles)."""
+
     def before_attention(self, layer: int, hidden: torch.Tensor, step: Step) -> None:
         """Called with layer's normed input (B, hidden) before its attention (InfiniGen speculates from it)."""
 
     def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
         """Store the new token's K/V (k/v (B, Hkv, D), rotated) and say what the query (B, Hq, D) attends over."""
-        rows, write = self.row_index[: step.batch], self.fields["write"][: step.batch]
-        self.k[layer, rows, :, write] = k
-        self.v[layer, rows, :, write] = v
+        self.write_token(self.k[layer], self.v[layer], self.row_index[: step.batch],
+                         self.fields["write"][: step.batch], k, v)
         return AttendSpec(self.k[layer], self.v[layer], self.fields["lengths"][: step.batch], self.span)
+
+    def write_token(self, keys: torch.Tensor, values: torch.Tensor, outer: torch.Tensor, cell: torch.Tensor,
+                    k: torch.Tensor, v: torch.Tensor) -> None:
+        """keys[outer[r], :, cell[r]] = k[r] (values likewise) for every row: one Triton launch on CUDA."""
+        if keys.is_cuda:
+            from pytest_kvcache import kernels
+
+            kernels.store_kv(keys, values, k, v, outer, cell)
+        else:
+            keys[outer, :, cell] = k
+            values[outer, :, cell] = v
 
     def observe(self, layer: int, spec: AttendSpec, probs: torch.Tensor | None) -> None:
         """After attention: probs (B, Hkv, W) are the weights cells [0, W) got, when spec.want_probs."""

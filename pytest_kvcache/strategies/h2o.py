@@ -87,6 +87,7 @@ class H2OCache(SlotCache):
         self.row_start = (torch.arange(self.n_slots, device=self.k.device)[:, None] * heads
                           + torch.arange(heads, device=self.k.device)) * self.slot_tokens
         self.cells = torch.arange(self.slot_tokens, device=self.k.device)
+        self.zero = torch.zeros((), device=self.k.device)
 
     def step_fields(self) -> dict[str, int]:
         return {"write": 1, "lengths": 1, "full": 1, "window_start": 1}
@@ -146,7 +147,7 @@ class H2OCache(SlotCache):
         """Store the new token as the full cache does, with score 0 and its position; ask for the attention weights."""
         spec = super().store(layer, q, k, v, step)
         rows, write = self.row_index[: step.batch], self.fields["write"][: step.batch]
-        self.score[layer, rows, :, write] = 0.0
+        self.score[layer, rows, :, write] = self.zero
         self.pos[layer, rows, :, write] = step.positions[:, None]
         spec.want_probs = True
         return spec

@@ -206,8 +206,7 @@ class PagedCache(SlotCache):
     def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
         """Write the new token into its block; attention reads the blocks through the table."""
         block, offset = self.fields["write_block"][: step.batch], self.fields["write"][: step.batch]
-        self.k[layer, block, :, offset] = k
-        self.v[layer, block, :, offset] = v
+        self.write_token(self.k[layer], self.v[layer], block, offset, k, v)
         return AttendSpec(self.k[layer], self.v[layer], self.fields["lengths"][: step.batch], self.span,
                           block_table=self.fields["table"][: step.batch])
 

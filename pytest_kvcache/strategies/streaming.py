@@ -89,12 +89,24 @@ class StreamingCache(SlotCache):
         self.attended = sum(lengths)
         self.shifted = any(shift)
 
+    def begin_step(self, step: Step) -> None:
+        """RoPE angles of each row's shift, once per step (every layer rotates its sink query by them); on CUDA
+        always (the step is captured), on CPU only when a slot has evicted (before that the step is the full
+        cache's bit for bit)."""
+        self.sink_angles = None
+        if self.sinks and (self.shifted or self.model.device.type == "cuda"):
+            self.sink_angles = self.angles(self.fields["shift"][: step.batch, None])
+
     def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
         spec = super().store(layer, q, k, v, step)
-        if self.sinks and (self.shifted or self.model.device.type == "cuda"):
-            shift = self.fields["shift"][: step.batch, None]
-            cos, sin = self.angles(shift)
-            spec.sink_query = rope(q.unsqueeze(2), cos, sin).squeeze(2)
+        if self.sink_angles is not None:
+            cos, sin = self.sink_angles
+            if q.is_cuda:
+                from pytest_kvcache import kernels
+
+                spec.sink_query = kernels.rope_into(q, cos.view(step.batch, -1), sin.view(step.batch, -1))
+            else:
+                spec.sink_query = rope(q.unsqueeze(2), cos, sin).squeeze(2)
             spec.n_sink = self.sinks
         return spec
 
