@@ -4,7 +4,9 @@ Imported only on CUDA (or with TRITON_INTERPRET=1 in the tests); the CPU path us
 engines/attention.py and engines/decoder.py.
 
 Decode attention follows FlashDecoding (Dao et al., "Flash-Decoding for long-context inference", 2023): the KV of
-each request is split into chunks of CHUNK tokens; one program per (chunk, KV head, request) computes the chunk's
+each request is split into chunks of CHUNK tokens (256, or 128/64 when a small batch would leave SMs idle: at batch 1
+a layer's few programs then each read one tile instead of a chain of four); one program per (chunk, KV head,
+request) computes the chunk's
 partial softmax numerator/denominator for all query heads of that KV head at once (GQA: the group's queries are the
 rows of one matrix product, so each KV byte is read once); programs of chunks past a request's length exit at once;
 the last program of a (request, KV head) to finish combines the partials in the same launch (an atomic counter), so
@@ -18,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 256
-BLOCK_N = 64
+CHUNKS = (256, 128, 64)  # tokens per program: the largest that still gives every SM a few programs
 
 
 @triton.jit
@@ -115,12 +116,22 @@ class DecodeWorkspace:
     def __init__(self, rows: int, kv_heads: int, group: int, head_dim: int, capacity: int,
                  device: torch.device) -> None:
         self.rows, self.kv_heads, self.group, self.head_dim = rows, kv_heads, group, head_dim
-        self.n_chunks = triton.cdiv(max(capacity, 1), CHUNK)
-        parts = rows * kv_heads * self.n_chunks * group
+        self.capacity = max(capacity, 1)
+        self.most_chunks = triton.cdiv(self.capacity, CHUNKS[-1])
+        parts = rows * kv_heads * self.most_chunks * group
         self.part_o = torch.empty(parts * head_dim, dtype=torch.float32, device=device)
         self.part_m = torch.empty(parts, dtype=torch.float32, device=device)
         self.part_l = torch.empty(parts, dtype=torch.float32, device=device)
         self.locks = torch.zeros(rows * kv_heads, dtype=torch.int32, device=device)
+        self.programs_wanted = 4 * (torch.cuda.get_device_properties(device).multi_processor_count
+                                    if device.type == "cuda" else 132)
+
+    def chunk(self, rows: int) -> int:
+        """Tokens per program for a step of `rows` requests over this workspace's capacity."""
+        for chunk in CHUNKS:
+            if rows * self.kv_heads * triton.cdiv(self.capacity, chunk) >= self.programs_wanted:
+                return chunk
+        return CHUNKS[-1]
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
@@ -146,16 +157,19 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     logit_buf = logits if write_logits else out
     lse_buf = lse if write_logits else out
     sink = sink_query if sink_query is not None else q
-    grid = (workspace.n_chunks, kv_heads, rows)
+    chunk = workspace.chunk(rows)
+    n_chunks = triton.cdiv(workspace.capacity, chunk)
+    block_n = min(chunk, 64 if dim >= 128 else 128)
+    grid = (n_chunks, kv_heads, rows)
     _decode_attention_kernel[grid](
         q, sink, keys, values, lengths, table, out,
         workspace.part_o, workspace.part_m, workspace.part_l, workspace.locks, logit_buf, lse_buf,
-        scale, workspace.n_chunks, kv_heads, n_sink,
+        scale, n_chunks, kv_heads, n_sink,
         q.stride(0), q.stride(1), sink.stride(0), sink.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         table.stride(0) if paged else 0, out.stride(0), out.stride(1),
         logit_buf.stride(0) if write_logits else 0, logit_buf.stride(1) if write_logits else 0,
-        G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, CHUNK=CHUNK, BLOCK_N=BLOCK_N,
+        G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, CHUNK=chunk, BLOCK_N=block_n,
         PAGED=paged, BLOCK_SIZE=keys.shape[2] if paged else 1, HAS_SINK=sink_query is not None,
         WRITE_LOGITS=write_logits, PRECISION=_precision(q), num_warps=4, num_stages=2,
     )
@@ -354,3 +368,69 @@ def rope_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     _rope_into_kernel[(rows, heads)](x, out, cos, sin, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
                                      cos.stride(0), HALF=dim // 2, num_warps=1)
     return out
+
+
+@triton.jit
+def _h2o_update_kernel(LOGITS, LSE, SCORE, POS, K, V, LENGTHS, WRITE, FULL, WINDOW, POSITION,
+                       stride_lr, stride_lh, stride_er, stride_sr, stride_sh, stride_kb, stride_kh, stride_kt,
+                       stride_vb, stride_vh, stride_vt, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    length = tl.load(LENGTHS + row)
+    write = tl.load(WRITE + row)
+    full = tl.load(FULL + row)
+    window = tl.load(WINDOW + row)
+    position = tl.load(POSITION + row)
+    best = float("inf")
+    victim = write
+    new_score = 0.0
+    for t0 in range(0, length, BLOCK):
+        cells = t0 + tl.arange(0, BLOCK)
+        valid = cells < length
+        p = tl.zeros([BLOCK], tl.float32)
+        for g in range(G):
+            q_head = head * G + g
+            logits = tl.load(LOGITS + row * stride_lr + q_head * stride_lh + cells, mask=valid, other=float("-inf"))
+            p += tl.exp(logits - tl.load(LSE + row * stride_er + q_head))
+        score_ptr = SCORE + row * stride_sr + head * stride_sh + cells
+        pos_ptr = POS + row * stride_sr + head * stride_sh + cells
+        is_new = cells == write
+        score = tl.where(is_new, p, tl.load(score_ptr, mask=valid, other=0.0) + p)
+        pos = tl.where(is_new, position, tl.load(pos_ptr, mask=valid, other=0))
+        tl.store(score_ptr, score, mask=valid)
+        tl.store(pos_ptr, pos, mask=valid & is_new)
+        new_score += tl.sum(tl.where(is_new & valid, score, 0.0), 0)
+        candidate = tl.where(valid & (pos < window), score, float("inf"))
+        low = tl.min(candidate, 0)
+        if low < best:
+            best = low
+            victim = (t0 + tl.argmin(candidate, 0)).to(tl.int64)
+    if full != 0:
+        if victim != write:
+            d = tl.arange(0, D)
+            k_row = K + row * stride_kb + head * stride_kh
+            v_row = V + row * stride_vb + head * stride_vh
+            tl.store(k_row + victim * stride_kt + d, tl.load(k_row + write * stride_kt + d))
+            tl.store(v_row + victim * stride_vt + d, tl.load(v_row + write * stride_vt + d))
+            tl.store(SCORE + row * stride_sr + head * stride_sh + victim, new_score)
+            tl.store(POS + row * stride_sr + head * stride_sh + victim, position)
+
+
+def h2o_update(logits: torch.Tensor, lse: torch.Tensor, score: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor, lengths: torch.Tensor, write: torch.Tensor, full: torch.Tensor,
+               window: torch.Tensor, position: torch.Tensor) -> None:
+    """H2O after one decode step's attention, in one launch per (request, KV head): the weights exp(logits - lse)
+    summed over the query group are added to the accumulated scores (the new cell `write` starts from its own
+    weight and gets `position`); where the slot is full, the lowest-scoring cell older than `window` (lowest
+    index on ties) receives the new cell's K, V, score and position (the spare cell is then free again).
+
+    logits (R, Hq, T) float32 and lse (R, Hq) from decode_attention; score/pos (slots, Hkv, T) float32/int64 and
+    keys/values (slots, Hkv, T, D) of the layer; lengths/write/full/window/position (R,) integers."""
+    rows, q_heads, _ = logits.shape
+    kv_heads = score.shape[1]
+    _h2o_update_kernel[(rows, kv_heads)](
+        logits, lse, score, pos, keys, values, lengths, write, full, window, position,
+        logits.stride(0), logits.stride(1), lse.stride(0), score.stride(0), score.stride(1),
+        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+        G=q_heads // kv_heads, D=keys.shape[3], BLOCK=256, num_warps=4,
+    )

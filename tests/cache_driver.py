@@ -31,6 +31,6 @@ def decode(cache, layer, q, k, v, scale, at=None):
     q_rot = rope(q, at.cos, at.sin)[:, :, 0]
     k_rot = rope(k, at.cos, at.sin)[:, :, 0]
     spec = cache.store(layer, q_rot, k_rot, v[:, :, 0], at)
-    out, probs = reference_attention(q_rot, spec, scale)
-    cache.observe(layer, spec, probs)
+    out, scores = reference_attention(q_rot, spec, scale)
+    cache.observe(layer, spec, scores)
     return out.unsqueeze(2)

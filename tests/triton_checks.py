@@ -91,6 +91,36 @@ def test_split_k_attention_through_a_block_table():
     torch.testing.assert_close(out.double().cpu(), expected, atol=TOLERANCE, rtol=TOLERANCE)
 
 
+def test_h2o_update_matches_the_torch_rule():
+    """The fused H2O launch: scores += weights from logits (new cell from its own weight), and in full slots the
+    lowest-scoring cell older than the window takes the new cell's K/V/score/position; others are untouched."""
+    rows, q_heads, kv_heads, dim, cells = 3, 4, 2, 32, 40
+    logits = torch.randn(rows, q_heads, cells, device=DEVICE)
+    lengths = torch.tensor([40, 21, 33], device=DEVICE)
+    lse = torch.stack([torch.logsumexp(logits[r, :, : int(lengths[r])], -1) for r in range(rows)])
+    score = torch.rand(rows, kv_heads, cells, device=DEVICE) * 3
+    pos = torch.stack([torch.randperm(100, generator=torch.Generator().manual_seed(r))[:cells]
+                       for r in range(rows * kv_heads)]).view(rows, kv_heads, cells).to(DEVICE)
+    keys, values = rand(rows, kv_heads, cells, dim), rand(rows, kv_heads, cells, dim)
+    write, full = lengths - 1, torch.tensor([1, 0, 1], device=DEVICE)
+    window, position = torch.tensor([60, 50, 70], device=DEVICE), torch.tensor([99, 98, 97], device=DEVICE)
+    expected = [t.clone() for t in (score, pos, keys, values)]
+    weights = torch.exp(logits - lse[..., None]).view(rows, kv_heads, -1, cells).sum(2)
+    for r in range(rows):
+        n, w = int(lengths[r]), int(write[r])
+        for h in range(kv_heads):
+            s, p, k, v = (t[r, h] for t in expected)
+            s[w], p[w] = 0.0, position[r]
+            s[:n] += weights[r, h, :n]
+            if full[r]:
+                masked = torch.where((torch.arange(cells, device=DEVICE) < n) & (p < window[r]), s, math.inf)
+                victim = int(masked.argmin())
+                s[victim], p[victim], k[victim], v[victim] = s[w].clone(), p[w].clone(), k[w].clone(), v[w].clone()
+    kernels.h2o_update(logits, lse, score, pos, keys, values, lengths, write, full, window, position)
+    for got, want in zip((score, pos, keys, values), expected):
+        torch.testing.assert_close(got.float(), want.float(), atol=TOLERANCE, rtol=TOLERANCE)
+
+
 def test_h2o_weights_from_logits_equal_a_second_pass():
     """exp(logits - lse) summed over the group is the softmax weight matrix a separate pass computes."""
     rows, q_heads, kv_heads, dim, cells = 2, 8, 2, 32, 300
@@ -101,7 +131,8 @@ def test_h2o_weights_from_logits_equal_a_second_pass():
     lse = torch.empty(rows, q_heads, device=DEVICE)
     out = torch.empty(rows, q_heads, dim, dtype=DTYPE, device=DEVICE)
     kernels.decode_attention(q, keys, values, lengths, 0.1, workspace, out, logits=logits, lse=lse)
-    weights = torch.exp(logits - lse[..., None]).masked_fill(torch.arange(cells, device=DEVICE) >= lengths[:, None, None], 0)
+    cells_index = torch.arange(cells, device=DEVICE)
+    weights = torch.exp(logits - lse[..., None]).masked_fill(cells_index >= lengths[:, None, None], 0)
     grouped = weights.view(rows, kv_heads, -1, cells).sum(2)
     valid = torch.arange(cells, device=DEVICE)[None, :] < lengths[:, None]
     torch.testing.assert_close(grouped, attention_weights(q, keys, valid, 0.1), atol=TOLERANCE, rtol=TOLERANCE)

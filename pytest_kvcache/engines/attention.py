@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pytest_kvcache.strategies.base import AttendSpec
+from pytest_kvcache.strategies.base import AttendSpec, AttentionScores
 
 
 def _gather(spec: AttendSpec, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,8 +39,8 @@ def attention_weights(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, 
     return torch.softmax(logits, dim=-1, dtype=torch.float32).sum(dim=2)
 
 
-def reference_attention(q: torch.Tensor, spec: AttendSpec, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(out (B, Hq, D), weights (B, Hkv, span) or None) in plain torch: the CPU path and the kernel's reference."""
+def reference_attention(q: torch.Tensor, spec: AttendSpec, scale: float) -> tuple[torch.Tensor, AttentionScores | None]:
+    """(out (B, Hq, D), the weights (B, Hkv, span) if asked) in plain torch: the CPU path and the kernel's reference."""
     rows, q_heads, dim = q.shape
     keys, values = _gather(spec, rows)
     valid = torch.arange(spec.span, device=q.device)[None, :] < spec.lengths[:, None]
@@ -55,8 +55,8 @@ def reference_attention(q: torch.Tensor, spec: AttendSpec, scale: float) -> tupl
         logits[..., : spec.n_sink] = sink * scale
         weights = torch.softmax(logits.masked_fill(~valid[:, None, None, :], -math.inf), dim=-1)
         out = (weights @ values).reshape(rows, q_heads, dim)
-    probs = attention_weights(q, keys, valid, scale) if spec.want_probs else None
-    return out, probs
+    scores = AttentionScores(weights=attention_weights(q, keys, valid, scale)) if spec.want_probs else None
+    return out, scores
 
 
 class KernelAttention:
@@ -69,11 +69,10 @@ class KernelAttention:
         self.kernels = kernels
         self.workspace = kernels.DecodeWorkspace(rows, kv_heads, q_heads // kv_heads, head_dim, capacity, device)
         self.capacity = capacity
-        self.cells = torch.arange(capacity, device=device)
         self.logits = torch.empty((rows, q_heads, capacity), dtype=torch.float32, device=device) if want_probs else None
         self.lse = torch.empty((rows, q_heads), dtype=torch.float32, device=device) if want_probs else None
 
-    def __call__(self, q: torch.Tensor, spec: AttendSpec, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, q: torch.Tensor, spec: AttendSpec, scale: float) -> tuple[torch.Tensor, AttentionScores | None]:
         rows, q_heads, _ = q.shape
         if spec.capacity > self.capacity:
             raise ValueError(f"attention workspace holds {self.capacity} cells, the step asks for {spec.capacity}")
@@ -83,9 +82,4 @@ class KernelAttention:
         self.kernels.decode_attention(q, spec.keys, spec.values, spec.lengths, scale, self.workspace, out,
                                       block_table=spec.block_table, sink_query=spec.sink_query, n_sink=spec.n_sink,
                                       logits=logits, lse=lse)
-        if not spec.want_probs:
-            return out, None
-        kv_heads = spec.keys.shape[1]
-        weights = torch.exp(logits - lse[..., None])
-        weights = weights.masked_fill(self.cells[: spec.capacity] >= spec.lengths[:, None, None], 0.0)
-        return out, weights.view(rows, kv_heads, q_heads // kv_heads, -1).sum(dim=2)
+        return out, AttentionScores(logits=logits, lse=lse) if spec.want_probs else None

@@ -183,7 +183,7 @@ class Decoder:
 
     def capture(self, max_batch: int) -> None:
         """Capture the step for every batch size 1..max_batch (warm-up first: Triton compiles, cuBLAS plans)."""
-        if not (self.model.device.type == "cuda" and self.cache.capturable):
+        if not (self.model.device.type == "cuda" and self.fused and self.cache.capturable):
             return
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.model.device)
@@ -228,12 +228,12 @@ class Decoder:
             self.attention = KernelAttention(cache.n_slots, self.kv_heads, self.q_heads, self.head_dim, capacity,
                                              self.model.device, spec.want_probs)
         if self.attention is not None:
-            out, probs = self.attention(q, spec, self.scale)
+            out, scores = self.attention(q, spec, self.scale)
         else:
             from pytest_kvcache.engines.attention import reference_attention
 
-            out, probs = reference_attention(q, spec, self.scale)
-        cache.observe(layer, spec, probs)
+            out, scores = reference_attention(q, spec, self.scale)
+        cache.observe(layer, spec, scores)
         return out
 
     def _module_layers(self, x: torch.Tensor, step: Step) -> torch.Tensor:

@@ -130,6 +130,17 @@ class AttendSpec:
         return self.keys.shape[2]
 
 
+@dataclass
+class AttentionScores:
+    """What attention returns when a spec asks (want_probs): the softmax weights (B, Hkv, W) of cells [0, W) summed
+    over each KV head's query group (CPU), or the kernel's scaled logits (B, Hq, T) with each query head's
+    log-sum-exp (B, Hq), from which the weights are exp(logits - lse) (CUDA: no second pass over the keys)."""
+
+    weights: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+
+
 class SlotCache:
     """Full cache: every token's K/V is kept, rotated once at its own position. Policies subclass the hooks.
 
@@ -282,8 +293,8 @@ class SlotCache:
             keys[outer, :, cell] = k
             values[outer, :, cell] = v
 
-    def observe(self, layer: int, spec: AttendSpec, probs: torch.Tensor | None) -> None:
-        """After attention: probs (B, Hkv, W) are the weights cells [0, W) got, when spec.want_probs."""
+    def observe(self, layer: int, spec: AttendSpec, scores: AttentionScores | None) -> None:
+        """After attention: what each cell got, when spec.want_probs."""
 
     def advance(self, batch: int) -> None:
         """Host bookkeeping after a decode step of slots 0..batch-1."""

@@ -39,7 +39,7 @@ import torch
 
 from pytest_kvcache.errors import KVConfigError
 from pytest_kvcache.models import LoadedModel
-from pytest_kvcache.strategies.base import AttendSpec, KVStrategy, SlotCache, Step, budget_tokens, parse_budget
+from pytest_kvcache.strategies.base import AttendSpec, AttentionScores, KVStrategy, SlotCache, Step, budget_tokens, parse_budget
 from pytest_kvcache.traces import Request
 
 
@@ -144,19 +144,29 @@ class H2OCache(SlotCache):
         self.evicts = any(full)
 
     def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
-        """Store the new token as the full cache does, with score 0 and its position; ask for the attention weights."""
+        """Store the new token as the full cache does and ask for the attention each cell gets."""
         spec = super().store(layer, q, k, v, step)
-        rows, write = self.row_index[: step.batch], self.fields["write"][: step.batch]
-        self.score[layer, rows, :, write] = self.zero
-        self.pos[layer, rows, :, write] = step.positions[:, None]
         spec.want_probs = True
+        self.positions = step.positions
         return spec
 
-    def observe(self, layer: int, spec: AttendSpec, probs: torch.Tensor | None) -> None:
-        """Add this step's attention to the scores; where the budget is full, evict (on CUDA always run, masked)."""
-        batch, width = probs.shape[0], probs.shape[-1]
-        self.score[layer, :batch, :, :width] += probs
-        if self.evicts or self.model.device.type == "cuda":
+    def observe(self, layer: int, spec: AttendSpec, scores: AttentionScores | None) -> None:
+        """Add this step's attention to the scores (the new cell starts from its own weight, at its position);
+        where the budget is full, evict. From the kernel's logits: one fused launch (pytest_kvcache/kernels.py)."""
+        batch, fields = spec.lengths.shape[0], self.fields
+        if scores.logits is not None:
+            from pytest_kvcache import kernels
+
+            kernels.h2o_update(scores.logits, scores.lse, self.score[layer], self.pos[layer], self.k[layer],
+                               self.v[layer], spec.lengths, fields["write"][:batch], fields["full"][:batch],
+                               fields["window_start"][:batch], self.positions)
+            return
+        rows, write = self.row_index[:batch], fields["write"][:batch]
+        self.score[layer, rows, :, write] = self.zero
+        self.pos[layer, rows, :, write] = self.positions[:, None]
+        width = scores.weights.shape[-1]
+        self.score[layer, :batch, :, :width] += scores.weights
+        if self.evicts:
             self._evict(layer, batch, width)
 
     def _evict(self, layer: int, batch: int, width: int) -> None:
