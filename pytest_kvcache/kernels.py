@@ -31,7 +31,7 @@ def _decode_attention_kernel(
     stride_tr, stride_or, stride_oh, stride_lr, stride_lh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_SINK: tl.constexpr, WRITE_LOGITS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, GROUP_P2: tl.constexpr, COMBINE: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     head = tl.program_id(1)
@@ -86,26 +86,36 @@ def _decode_attention_kernel(
         active = tl.cdiv(length, CHUNK)
         done = tl.atomic_add(LOCKS + row * kv_heads + head, 1)
         if done == active - 1:
+            # combine the chunks' partials, COMBINE chunks per vector load (their loads are independent)
             first = (row * kv_heads + head) * n_chunks
-            big_m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-            for j in range(0, active):
-                mj = tl.load(PART_M + (first + j) * G + g, mask=in_group, other=float("-inf"), cache_modifier=".cg")
-                big_m = tl.maximum(big_m, mj)
-            big_l = tl.zeros([BLOCK_G], tl.float32)
-            out = tl.zeros([BLOCK_G, D], tl.float32)
-            for j in range(0, active):
-                mj = tl.load(PART_M + (first + j) * G + g, mask=in_group, other=float("-inf"), cache_modifier=".cg")
-                lj = tl.load(PART_L + (first + j) * G + g, mask=in_group, other=0.0, cache_modifier=".cg")
-                oj = tl.load(PART_O + ((first + j) * G + g[:, None]) * D + d[None, :], mask=in_group[:, None],
-                             other=0.0, cache_modifier=".cg")
-                w = tl.where(in_group, tl.exp(mj - big_m), 0.0)
-                big_l += lj * w
-                out += oj * w[:, None]
-            big_l = tl.where(in_group, big_l, 1.0)
-            o_ptrs = OUT + row * stride_or + q_heads[:, None] * stride_oh + d[None, :]
-            tl.store(o_ptrs, (out / big_l[:, None]).to(OUT.dtype.element_ty), mask=in_group[:, None])
+            gg = tl.arange(0, GROUP_P2)
+            real = gg < G
+            big_m = tl.full([GROUP_P2], float("-inf"), tl.float32)
+            for j0 in range(0, active, COMBINE):
+                js = first + j0 + tl.arange(0, COMBINE)
+                there = ((j0 + tl.arange(0, COMBINE)) < active)[:, None] & real[None, :]
+                mj = tl.load(PART_M + js[:, None] * G + gg[None, :], mask=there, other=float("-inf"),
+                             cache_modifier=".cg")
+                big_m = tl.maximum(big_m, tl.max(mj, 0))
+            big_l = tl.zeros([GROUP_P2], tl.float32)
+            out = tl.zeros([GROUP_P2, D], tl.float32)
+            for j0 in range(0, active, COMBINE):
+                js = first + j0 + tl.arange(0, COMBINE)
+                there = ((j0 + tl.arange(0, COMBINE)) < active)[:, None] & real[None, :]
+                mj = tl.load(PART_M + js[:, None] * G + gg[None, :], mask=there, other=float("-inf"),
+                             cache_modifier=".cg")
+                lj = tl.load(PART_L + js[:, None] * G + gg[None, :], mask=there, other=0.0, cache_modifier=".cg")
+                w = tl.where(there, tl.exp(mj - big_m[None, :]), 0.0)
+                oj = tl.load(PART_O + (js[:, None, None] * G + gg[None, :, None]) * D + d[None, None, :],
+                             mask=there[:, :, None], other=0.0, cache_modifier=".cg")
+                big_l += tl.sum(lj * w, 0)
+                out += tl.sum(oj * w[:, :, None], 0)
+            big_l = tl.where(real, big_l, 1.0)
+            heads_out = head * G + gg
+            o_ptrs = OUT + row * stride_or + heads_out[:, None] * stride_oh + d[None, :]
+            tl.store(o_ptrs, (out / big_l[:, None]).to(OUT.dtype.element_ty), mask=real[:, None])
             if WRITE_LOGITS:
-                tl.store(LSE + row * kv_heads * G + q_heads, big_m + tl.log(big_l), mask=in_group)
+                tl.store(LSE + row * kv_heads * G + heads_out, big_m + tl.log(big_l), mask=real)
             tl.atomic_xchg(LOCKS + row * kv_heads + head, 0)
 
 
@@ -171,7 +181,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         logit_buf.stride(0) if write_logits else 0, logit_buf.stride(1) if write_logits else 0,
         G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, CHUNK=chunk, BLOCK_N=block_n,
         PAGED=paged, BLOCK_SIZE=keys.shape[2] if paged else 1, HAS_SINK=sink_query is not None,
-        WRITE_LOGITS=write_logits, PRECISION=_precision(q), num_warps=4, num_stages=2,
+        WRITE_LOGITS=write_logits, PRECISION=_precision(q), GROUP_P2=triton.next_power_of_2(group),
+        COMBINE=max(1, min(16, 8192 // (triton.next_power_of_2(group) * dim))), num_warps=4, num_stages=2,
     )
 
 
@@ -433,4 +444,47 @@ def h2o_update(logits: torch.Tensor, lse: torch.Tensor, score: torch.Tensor, pos
         logits.stride(0), logits.stride(1), lse.stride(0), score.stride(0), score.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         G=q_heads // kv_heads, D=keys.shape[3], BLOCK=256, num_warps=4,
+    )
+
+
+@triton.jit
+def _rope_store_kernel(QK, V, COS, SIN, K_CACHE, V_CACHE, OUTER, CELL, stride_xr, stride_xh, stride_vr, stride_vh,
+                       stride_cr, stride_kb, stride_kh, stride_kt, stride_cb, stride_ch, stride_ct, q_heads,
+                       HALF: tl.constexpr):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    i = tl.arange(0, HALF)
+    base = QK + row * stride_xr + head * stride_xh
+    lo = tl.load(base + i).to(tl.float32)
+    hi = tl.load(base + HALF + i).to(tl.float32)
+    cos_lo = tl.load(COS + row * stride_cr + i).to(tl.float32)
+    cos_hi = tl.load(COS + row * stride_cr + HALF + i).to(tl.float32)
+    sin_lo = tl.load(SIN + row * stride_cr + i).to(tl.float32)
+    sin_hi = tl.load(SIN + row * stride_cr + HALF + i).to(tl.float32)
+    new_lo = (lo * cos_lo - hi * sin_lo).to(QK.dtype.element_ty)
+    new_hi = (hi * cos_hi + lo * sin_hi).to(QK.dtype.element_ty)
+    tl.store(base + i, new_lo)
+    tl.store(base + HALF + i, new_hi)
+    if head >= q_heads:
+        kv_head = head - q_heads
+        outer = tl.load(OUTER + row)
+        cell = tl.load(CELL + row)
+        k_dst = K_CACHE + outer * stride_kb + kv_head * stride_kh + cell * stride_kt
+        tl.store(k_dst + i, new_lo)
+        tl.store(k_dst + HALF + i, new_hi)
+        v_src = V + row * stride_vr + kv_head * stride_vh
+        v_dst = V_CACHE + outer * stride_cb + kv_head * stride_ch + cell * stride_ct
+        tl.store(v_dst + i, tl.load(v_src + i))
+        tl.store(v_dst + HALF + i, tl.load(v_src + HALF + i))
+
+
+def rope_store(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int,
+               keys: torch.Tensor, values: torch.Tensor, outer: torch.Tensor, cell: torch.Tensor) -> None:
+    """RoPE on q and k in place (qk (R, Hq + Hkv, D), q heads first) and the rotated k with v (R, Hkv, D) written
+    to keys/values[outer[r], :, cell[r]] (see store_kv): the decode step's rotation and KV write in one launch."""
+    rows, heads, dim = qk.shape
+    _rope_store_kernel[(rows, heads)](
+        qk, v, cos, sin, keys, values, outer, cell, qk.stride(0), qk.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
+        values.stride(2), q_heads, HALF=dim // 2, num_warps=1,
     )

@@ -186,7 +186,8 @@ def test_engine_kernel_path_gives_the_module_paths_tokens(spec):
 
 
 def test_token_store_and_out_of_place_rope():
-    """store_kv writes each row's K/V at (outer, cell) of a layer's storage; rope_into leaves its input alone."""
+    """store_kv writes each row's K/V at (outer, cell) of a layer's storage; rope_store rotates q and k in place and
+    writes the rotated k with v there; rope_into leaves its input alone."""
     keys, values = rand(5, 2, 9, 16), rand(5, 2, 9, 16)
     new_k, new_v = rand(3, 2, 16), rand(3, 2, 16)
     outer, cell = torch.tensor([4, 0, 2], device=DEVICE), torch.tensor([8, 0, 3], device=DEVICE)
@@ -194,6 +195,14 @@ def test_token_store_and_out_of_place_rope():
     expected_k[outer, :, cell], expected_v[outer, :, cell] = new_k, new_v
     kernels.store_kv(keys, values, new_k, new_v, outer, cell)
     assert torch.equal(keys, expected_k) and torch.equal(values, expected_v)
+    qk, v, cos, sin = rand(3, 6, 16), rand(3, 2, 16), rand(3, 16), rand(3, 16)
+    half = torch.cat([-qk[..., 8:], qk[..., :8]], -1)
+    rotated = (qk.float() * cos[:, None].float() + half.float() * sin[:, None].float()).to(DTYPE)
+    expected_k[outer, :, cell], expected_v[outer, :, cell] = rotated[:, 4:], v
+    kernels.rope_store(qk, v, cos, sin, 4, keys, values, outer, cell)
+    torch.testing.assert_close(qk, rotated, atol=TOLERANCE, rtol=TOLERANCE)
+    torch.testing.assert_close(keys, expected_k, atol=TOLERANCE, rtol=TOLERANCE)
+    assert torch.equal(values, expected_v)
     x, cos, sin = rand(3, 4, 16), rand(3, 16), rand(3, 16)
     before = x.clone()
     half = torch.cat([-x[..., 8:], x[..., :8]], -1)

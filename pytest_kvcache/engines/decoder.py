@@ -216,10 +216,10 @@ class Decoder:
         return self._module_layers(x, step)
 
     def _attend(self, layer: int, hidden: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                step: Step) -> torch.Tensor:
+                step: Step, written: bool = False) -> torch.Tensor:
         cache = self.cache
         cache.before_attention(layer, hidden, step)
-        spec = cache.store(layer, q, k, v, step)
+        spec = cache.store(layer, q, k, v, step, written)
         if self.fused and (self.attention is None or spec.capacity > self.attention.capacity):
             # sized once for a captured step (static capacity); an eager policy whose spans grow gets a 2x larger one
             from pytest_kvcache.engines.attention import KernelAttention
@@ -262,10 +262,14 @@ class Decoder:
             kernels.add_rmsnorm(x, delta, w.norm_in, self.eps, h)
             qkv = F.linear(h, w.qkv)
             qk = qkv[:, : (hq + hkv) * dim].view(batch, hq + hkv, dim)
-            kernels.rope_(qk, cos, sin)
-            q, k = qk[:, :hq], qk[:, hq:]
             v = qkv[:, (hq + hkv) * dim :].view(batch, hkv, dim)
-            out = self._attend(i, h, q, k, v, step)
+            target = self.cache.write_target(i, step)
+            if target is not None:
+                kernels.rope_store(qk, v, cos, sin, hq, *target)
+            else:
+                kernels.rope_(qk, cos, sin)
+            q, k = qk[:, :hq], qk[:, hq:]
+            out = self._attend(i, h, q, k, v, step, written=target is not None)
             delta = F.linear(out.reshape(batch, hq * dim), w.o)
             kernels.add_rmsnorm(x, delta, w.norm_post, self.eps, h)
             gate_up = F.linear(h, w.gate_up)

@@ -276,10 +276,17 @@ class SlotCache:
     def before_attention(self, layer: int, hidden: torch.Tensor, step: Step) -> None:
         """Called with layer's normed input (B, hidden) before its attention (InfiniGen speculates from it)."""
 
-    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
-        """Store the new token's K/V (k/v (B, Hkv, D), rotated) and say what the query (B, Hq, D) attends over."""
-        self.write_token(self.k[layer], self.v[layer], self.row_index[: step.batch],
-                         self.fields["write"][: step.batch], k, v)
+    def write_target(self, layer: int, step: Step) -> tuple[torch.Tensor, ...] | None:
+        """Where the new token's K/V go: (keys, values, outer, cell) as store_kv takes them, so the engine can rotate
+        and store in one launch; None when store() must do it (quantized or host-side storage)."""
+        return self.k[layer], self.v[layer], self.row_index[: step.batch], self.fields["write"][: step.batch]
+
+    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
+              written: bool = False) -> AttendSpec:
+        """Store the new token's K/V (k/v (B, Hkv, D), rotated; `written`: the engine stored them at write_target)
+        and say what the query (B, Hq, D) attends over."""
+        if not written:
+            self.write_token(*self.write_target(layer, step), k, v)
         return AttendSpec(self.k[layer], self.v[layer], self.fields["lengths"][: step.batch], self.span)
 
     def write_token(self, keys: torch.Tensor, values: torch.Tensor, outer: torch.Tensor, cell: torch.Tensor,

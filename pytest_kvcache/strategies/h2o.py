@@ -143,9 +143,10 @@ class H2OCache(SlotCache):
         self.fields.set("window_start", [self.seen[s] + 1 - self.recent[s] for s in range(batch)])
         self.evicts = any(full)
 
-    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
+    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
+              written: bool = False) -> AttendSpec:
         """Store the new token as the full cache does and ask for the attention each cell gets."""
-        spec = super().store(layer, q, k, v, step)
+        spec = super().store(layer, q, k, v, step, written)
         spec.want_probs = True
         self.positions = step.positions
         return spec

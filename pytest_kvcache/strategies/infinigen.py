@@ -306,7 +306,11 @@ class InfiniGenCache(SlotCache):
         self.events[parity] = event
         return _Fetch(keys, values, chosen, count, event, (rows, head, cell))
 
-    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
+    def write_target(self, layer: int, step: Step) -> None:
+        return None
+
+    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
+              written: bool = False) -> AttendSpec:
         """Attention over the fetched tokens plus the current one (at position count), in position order."""
         fetched = self.fetched.pop(layer)
         if fetched.event is not None:

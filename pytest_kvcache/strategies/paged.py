@@ -203,12 +203,17 @@ class PagedCache(SlotCache):
         self.fields.set("write_block", [int(self.block_table[r, n // self.block_size]) for r, n in
                                         enumerate(self.kept[:batch])])
 
-    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
+    def write_target(self, layer: int, step: Step) -> tuple[torch.Tensor, ...]:
+        """The new token goes to offset `write` of block `write_block`."""
+        batch = step.batch
+        return self.k[layer], self.v[layer], self.fields["write_block"][:batch], self.fields["write"][:batch]
+
+    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
+              written: bool = False) -> AttendSpec:
         """Write the new token into its block; attention reads the blocks through the table."""
-        block, offset = self.fields["write_block"][: step.batch], self.fields["write"][: step.batch]
-        self.write_token(self.k[layer], self.v[layer], block, offset, k, v)
-        return AttendSpec(self.k[layer], self.v[layer], self.fields["lengths"][: step.batch], self.span,
-                          block_table=self.fields["table"][: step.batch])
+        spec = super().store(layer, q, k, v, step, written)
+        spec.block_table = self.fields["table"][: step.batch]
+        return spec
 
 
 def _on(stream: torch.cuda.Stream | None):

@@ -302,7 +302,11 @@ class QuantizedCache(SlotCache):
         scale, zero = self.v_scale[layer, :batch, :, :n], self.v_zero[layer, :batch, :, :n]
         return dequantize_values(codes, scale, zero, self.group)
 
-    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
+    def write_target(self, layer: int, step: Step) -> None:
+        return None
+
+    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
+              written: bool = False) -> AttendSpec:
         """Attention reads dequantized + residual + new K/V (a full-precision copy); then the new token is stored
         and what left the window is quantized (KIVI's update after attention)."""
         kivi, batch = self.step, step.batch

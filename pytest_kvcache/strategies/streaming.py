@@ -97,8 +97,9 @@ class StreamingCache(SlotCache):
         if self.sinks and (self.shifted or self.model.device.type == "cuda"):
             self.sink_angles = self.angles(self.fields["shift"][: step.batch, None])
 
-    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> AttendSpec:
-        spec = super().store(layer, q, k, v, step)
+    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
+              written: bool = False) -> AttendSpec:
+        spec = super().store(layer, q, k, v, step, written)
         if self.sink_angles is not None:
             cos, sin = self.sink_angles
             if q.is_cuda:
