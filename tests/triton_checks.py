@@ -55,7 +55,8 @@ def rand(*shape):
                          ids=["gqa4-3chunks", "gqa3-smollm2-heads", "mha"])
 def test_split_k_attention_matches_reference(shape):
     """Ragged lengths (one spanning 3 chunks, one of 1 cell, one empty), logits and log-sum-exp, sink query;
-    every valid output row is written, the counters are reset for the next launch."""
+    every valid output row is written, the counters are reset for the next launch (first case: autotuned launch,
+    which runs every configuration)."""
     rows, q_heads, kv_heads, dim, cells = shape
     q, sink = rand(rows, q_heads, dim), rand(rows, q_heads, dim)
     keys, values = rand(rows + 1, kv_heads, cells, dim), rand(rows + 1, kv_heads, cells, dim)
@@ -65,7 +66,7 @@ def test_split_k_attention_matches_reference(shape):
     logits = torch.full((rows, q_heads, cells), float("nan"), device=DEVICE)
     lse = torch.zeros(rows, q_heads, device=DEVICE)
     kernels.decode_attention(q, keys, values, lengths, 0.1, workspace, out, sink_query=sink, n_sink=4,
-                             logits=logits, lse=lse)
+                             logits=logits, lse=lse, tuned=rows == 3)
     expected, expected_logits = reference(q.cpu(), keys.cpu(), values.cpu(), lengths.cpu(), 0.1, sink=sink.cpu(),
                                           n_sink=4)
     for r, s in expected_logits.items():

@@ -60,15 +60,17 @@ def reference_attention(q: torch.Tensor, spec: AttendSpec, scale: float) -> tupl
 
 
 class KernelAttention:
-    """The CUDA path: the split-K kernel with a workspace sized once (rows, capacity), so graphs can capture it."""
+    """The CUDA path: the split-K kernel with a workspace sized once (rows, capacity), so graphs can capture it;
+    tuned: autotune its configuration per shape (for captured steps, whose shapes all appear in the warm-up)."""
 
     def __init__(self, rows: int, kv_heads: int, q_heads: int, head_dim: int, capacity: int,
-                 device: torch.device, want_probs: bool) -> None:
+                 device: torch.device, want_probs: bool, tuned: bool = False) -> None:
         from pytest_kvcache import kernels
 
         self.kernels = kernels
         self.workspace = kernels.DecodeWorkspace(rows, kv_heads, q_heads // kv_heads, head_dim, capacity, device)
         self.capacity = capacity
+        self.tuned = tuned
         self.logits = torch.empty((rows, q_heads, capacity), dtype=torch.float32, device=device) if want_probs else None
         self.lse = torch.empty((rows, q_heads), dtype=torch.float32, device=device) if want_probs else None
 
@@ -81,5 +83,5 @@ class KernelAttention:
         lse = self.lse[:rows] if spec.want_probs else None
         self.kernels.decode_attention(q, spec.keys, spec.values, spec.lengths, scale, self.workspace, out,
                                       block_table=spec.block_table, sink_query=spec.sink_query, n_sink=spec.n_sink,
-                                      logits=logits, lse=lse)
+                                      logits=logits, lse=lse, tuned=self.tuned)
         return out, AttentionScores(logits=logits, lse=lse) if spec.want_probs else None

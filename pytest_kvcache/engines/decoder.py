@@ -226,7 +226,7 @@ class Decoder:
 
             capacity = spec.capacity if cache.capturable else 2 * spec.capacity
             self.attention = KernelAttention(cache.n_slots, self.kv_heads, self.q_heads, self.head_dim, capacity,
-                                             self.model.device, spec.want_probs)
+                                             self.model.device, spec.want_probs, tuned=cache.capturable)
         if self.attention is not None:
             out, scores = self.attention(q, spec, self.scale)
         else:
