@@ -60,6 +60,57 @@ def _prefill_kernels(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+@torch.inference_mode()
+def prefill(model: LoadedModel, cache: object, slots: list[int], prompts: list[list[int]],
+            all_logits: bool = False) -> torch.Tensor:
+    """Prefill prompts into their slots of `cache` in one batch (right-padded), through the transformers model with
+    attention routed to prefill_attention (the caller routes it); logits (N, V) of each prompt's last token, or
+    (N, P, V) of every position with all_logits."""
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    device = model.device
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    for n, prompt in enumerate(prompts):
+        ids[n, : len(prompt)] = torch.tensor(prompt)
+    ids = ids.to(device)
+    positions = torch.arange(width, device=device).expand(len(prompts), width)
+    batch = PrefillBatch(cache, slots, lengths)
+    hidden = model.model.model(input_ids=ids, position_ids=positions, use_cache=False, kv_step=batch).last_hidden_state
+    if all_logits:
+        return model.model.lm_head(hidden)
+    last = hidden[torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device) - 1]
+    return model.model.lm_head(last)
+
+
+@dataclass
+class PrefillRecord:
+    """One prompt's prefill, run once: each layer's rotated q, k and v (1, H, P, D) and the last token's logits (V,).
+    Every policy prefills with full attention, so a policy's cache can be filled from the record instead of running
+    the model again (the quality suites evaluate many policies on each long prompt)."""
+
+    tokens: tuple[int, ...]
+    layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    logits: torch.Tensor
+
+
+class _Recorder:
+    """Stands in for a cache during a prefill and keeps what each layer hands over."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def store_prefill(self, layer: int, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.layers[layer] = (q, k, v)
+
+
+def record_prefill(model: LoadedModel, prompt: list[int]) -> PrefillRecord:
+    """Run one prompt's prefill and keep it (memory: P x (Hq + 2 Hkv) x D per layer)."""
+    recorder = _Recorder()
+    with routed_attention(model):
+        logits = prefill(model, recorder, [0], [list(prompt)])[0]
+    return PrefillRecord(tuple(prompt), [recorder.layers[i] for i in range(model.num_layers)], logits)
+
+
 @contextlib.contextmanager
 def routed_attention(model: LoadedModel):
     """Route the model's attention through prefill_attention for the duration of a run, then restore it."""
@@ -131,25 +182,10 @@ class Decoder:
 
     # ---------------------------------------------------------------- prefill
 
-    @torch.inference_mode()
     def prefill(self, slots: list[int], prompts: list[list[int]], all_logits: bool = False,
                 cache: object | None = None) -> torch.Tensor:
-        """Prefill prompts into their slots in one batch (right-padded); logits (N, V) of each prompt's last token,
-        or (N, P, V) of every position with all_logits. `cache` replaces the engine's (InfiniGen's warm-up)."""
-        lengths = [len(p) for p in prompts]
-        width = max(lengths)
-        device = self.model.device
-        ids = torch.zeros((len(prompts), width), dtype=torch.long)
-        for n, prompt in enumerate(prompts):
-            ids[n, : len(prompt)] = torch.tensor(prompt)
-        ids = ids.to(device)
-        positions = torch.arange(width, device=device).expand(len(prompts), width)
-        batch = PrefillBatch(cache if cache is not None else self.cache, slots, lengths)
-        hidden = self.hf.model(input_ids=ids, position_ids=positions, use_cache=False, kv_step=batch).last_hidden_state
-        if all_logits:
-            return self.hf.lm_head(hidden)
-        last = hidden[torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device) - 1]
-        return self.hf.lm_head(last)
+        """Prefill prompts into their slots (see `prefill`); `cache` replaces the engine's (InfiniGen's warm-up)."""
+        return prefill(self.model, cache if cache is not None else self.cache, slots, prompts, all_logits)
 
     # ---------------------------------------------------------------- decode
 

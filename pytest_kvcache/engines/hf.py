@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from pytest_kvcache.engines.decoder import Decoder, routed_attention
+from pytest_kvcache.engines.decoder import Decoder, PrefillRecord, routed_attention
 from pytest_kvcache.errors import KVConfigError, KVOutOfMemory
 from pytest_kvcache.metrics import RequestRecord, RunResult
 from pytest_kvcache.models import LoadedModel, free_memory_bytes
@@ -274,9 +274,15 @@ class HFEngine:
                 on_token(len(group))
 
     def _decode(self, batch: int, clock: Callable[[], float], on_token) -> None:
-        """One batched decode step of slots 0..batch-1 (the requests that were running before this iteration)."""
+        """One batched decode step of slots 0..batch-1 (the requests that were running before this iteration);
+        without a cache (strategy `none`) the step is a forward over every request's whole sequence."""
         rows = self.slots[:batch]
-        tokens = self.decoder.decode(batch, [seq.record.output_ids[-1] for seq in rows]).tolist()
+        if self.strategy.recomputes:
+            logits = self.decoder.prefill(list(range(batch)), [seq.tokens for seq in rows])
+            self.cache.advance(batch)
+            tokens = logits.argmax(dim=-1).tolist()
+        else:
+            tokens = self.decoder.decode(batch, [seq.record.output_ids[-1] for seq in rows]).tolist()
         stamp = clock()
         for seq, token in zip(rows, tokens):
             seq.emit(token, stamp)
@@ -299,33 +305,59 @@ class HFEngine:
             self.cache.release(seq.slot)
             self._free_slot(seq.slot)
 
-    # ---------------------------------------------------------------- teacher forcing
+    # ---------------------------------------------------------------- one request: teacher forcing, greedy
 
-    def teacher_forced(self, tokens: list[int], prefill_tokens: int) -> torch.Tensor:
+    def teacher_forced(self, tokens: list[int], prefill_tokens: int,
+                       record: PrefillRecord | None = None) -> torch.Tensor:
         """Log-probabilities (n, vocab) float32 of the next token at positions prefill_tokens-1 .. len(tokens)-2:
-        the prompt tokens[:prefill_tokens] is prefilled, then tokens[prefill_tokens:] are fed one at a time through
-        the policy's cache (teacher forcing), so every row reflects what the policy kept at that step."""
+        the prompt tokens[:prefill_tokens] is prefilled (or taken from `record`, see record_prefill), then
+        tokens[prefill_tokens:] are fed one at a time through the policy's cache (teacher forcing), so every row
+        reflects what the policy kept at that step."""
         if not 1 <= prefill_tokens < len(tokens):
             raise KVConfigError(f"prefill_tokens must be in [1, {len(tokens) - 1}], got {prefill_tokens}")
-        request = Request("score", 0.0, tuple(tokens[:prefill_tokens]), len(tokens) - prefill_tokens)
-        trace = Trace((request,))
-        plan = self.plan_slots(trace)
-        return self._guarded(plan, lambda: self._teacher_forced(tokens, prefill_tokens, request, plan))
+        rows = self._single(tokens[:prefill_tokens], tokens[prefill_tokens:-1], len(tokens) - prefill_tokens, record)
+        return torch.log_softmax(torch.stack(rows).float(), dim=-1).cpu()
+
+    def greedy(self, prompt: list[int], new_tokens: int, record: PrefillRecord | None = None) -> list[int]:
+        """The policy's own greedy continuation of one prompt (free running: each token is fed back)."""
+        if new_tokens < 1:
+            raise KVConfigError(f"new_tokens must be >= 1, got {new_tokens}")
+        rows = self._single(list(prompt), None, new_tokens, record)
+        return [int(row.argmax()) for row in rows]
+
+    def _single(self, prompt: list[int], forced: list[int] | None, steps: int,
+                record: PrefillRecord | None) -> list[torch.Tensor]:
+        """Logits of `steps` next tokens of one request, fed `forced` tokens or its own greedy ones."""
+        if record is not None and tuple(prompt) != record.tokens:
+            raise KVConfigError("the prefill record is of another prompt")
+        request = Request("single", 0.0, tuple(prompt), steps)
+        plan = self.plan_slots(Trace((request,)))
+        return self._guarded(plan, lambda: self._single_run(prompt, forced, steps, record, request, plan))
 
     @torch.inference_mode()
-    def _teacher_forced(self, tokens: list[int], prefill_tokens: int, request: Request,
-                        plan: tuple[int, int]) -> torch.Tensor:
+    def _single_run(self, prompt, forced, steps, record, request, plan) -> list[torch.Tensor]:
         self._setup(*plan)
         cache = self.cache
-        rows = []
         with routed_attention(self.model):
             cache.admit(0, request)
-            rows.append(self.decoder.prefill([0], [tokens[:prefill_tokens]])[0])
-            cache.finish_prefill(0, prefill_tokens)
-            for position in range(prefill_tokens, len(tokens) - 1):
-                rows.append(self.decoder.decode(1, [tokens[position]], logits=True)[0])
+            if record is None:
+                rows = [self.decoder.prefill([0], [prompt])[0]]
+            else:
+                for layer, (q, k, v) in enumerate(record.layers):
+                    cache.store_prefill(layer, 0, q, k, v)
+                rows = [record.logits]
+            cache.finish_prefill(0, len(prompt))
+            sequence = list(prompt)
+            for i in range(steps - 1):
+                token = forced[i] if forced is not None else int(rows[-1].argmax())
+                sequence.append(token)
+                if self.strategy.recomputes:
+                    rows.append(self.decoder.prefill([0], [sequence])[0])
+                    cache.advance(1)
+                else:
+                    rows.append(self.decoder.decode(1, [token], logits=True)[0])
             cache.release(0)
-        return torch.log_softmax(torch.stack(rows).float(), dim=-1).cpu()
+        return rows
 
     def score(self, tokens: list[int], prefill_tokens: int) -> list[float]:
         """Log-probabilities of tokens[prefill_tokens:] under teacher forcing (see teacher_forced)."""

@@ -326,6 +326,7 @@ class KVStrategy:
     name: ClassVar[str] = ""
     cache_class: ClassVar[type[SlotCache]] = SlotCache
     reserves_slots: ClassVar[bool] = True
+    recomputes: ClassVar[bool] = False  # no cache: each step runs the whole sequence (strategies/none.py)
     engine: ClassVar[str] = "hf"
 
     def __init_subclass__(cls, **kwargs) -> None:
