@@ -13,7 +13,9 @@ pytestmark = pytest.mark.kv_thresholds(ttft_ms=0.5, tpot_ms=0.5, itl_ms=0.5, e2e
 BUDGETS = [0.1, 0.2, 0.5, 1.0]
 STRATEGIES = [
     "full",
-    *[f"{name}:budget={budget}" for name in ("streaming", "h2o", "infinigen") for budget in BUDGETS],
+    *[f"{name}:budget={budget}" for name in ("streaming", "h2o") for budget in BUDGETS],
+    *[f"infinigen:budget={budget}" for budget in BUDGETS if budget < 1],  # the reference asserts budget < 1
+    "infinigen:fetch_all=1",
     "quantized:bits=2",
     "quantized:bits=4",
     "paged",

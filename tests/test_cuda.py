@@ -18,7 +18,7 @@ from pytest_kvcache.traces import TraceSpec, synthetic
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 WHOLE_BUDGET = ["streaming:budget=1.0", "h2o:budget=1.0", "paged", "paged:block_size=7", "quantized:residual=128",
-                "infinigen:budget=1.0,alpha=1000000000"]
+                "infinigen:fetch_all=1"]
 
 
 def trace_for(model, **kwargs):

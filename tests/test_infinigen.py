@@ -13,7 +13,7 @@ from pytest_kvcache.strategies import infinigen, parse_strategy
 from pytest_kvcache.strategies.base import rope
 from pytest_kvcache.traces import Request, Trace
 
-SELECT_ALL = "infinigen:budget=1.0,alpha=1000000000"
+SELECT_ALL = "infinigen:fetch_all=1"
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,16 @@ def test_select_everything_reproduces_full(tiny, trace, full_tokens):
     assert scored[0] == scored[1]
 
 
+def test_partial_columns_are_the_union_of_query_and_key_tops():
+    """The reference's Llama rule: per head the top-n columns by summed |QA| and by summed |KA|, united; fixed-width
+    index with a validity mask (columns past the union pad and are masked)."""
+    q_mass = torch.tensor([[9.0, 8.0, 0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 5.0, 6.0, 0.0, 0.0]])
+    k_mass = torch.tensor([[9.0, 0.0, 0.0, 0.0, 7.0, 0.0], [0.0, 0.0, 5.0, 6.0, 1.0, 0.0]])
+    index, valid = infinigen.partial_columns(q_mass, k_mass, 2, 4)
+    assert index.tolist()[0][:3] == [0, 1, 4] and valid.tolist()[0] == [True, True, True, False]
+    assert index.tolist()[1][:2] == [2, 3] and valid.tolist()[1] == [True, True, False, False]
+
+
 def test_select_tokens_rule():
     """Per head count logits > max - alpha, average over heads, cap; top-n per head in position order."""
     scores = torch.tensor([[[0.0, 4.5, 5.0, -1.0, -math.inf], [3.0, 0.0, 0.5, 2.9, -math.inf]]])
@@ -169,9 +179,12 @@ def test_recall(tiny, trace, monkeypatch):
 @pytest.mark.parametrize("spec", [
     "infinigen:alpha=0", "infinigen:alpha=-1", "infinigen:alpha=inf", "infinigen:partial_ratio=0",
     "infinigen:partial_ratio=1.5", "infinigen:budget=1.5", "infinigen:budget=0", "infinigen:track_recall=2",
+    "infinigen:budget=1.0", "infinigen:fetch_all=2",
 ])
 def test_bad_parameters(spec):
     with pytest.raises(KVConfigError) as info:
         parse_strategy(spec)
     message = str(info.value)
     assert "\n" not in message and spec.split(":")[1].split("=")[0] in message
+    if spec == "infinigen:budget=1.0":
+        assert "infinigen:fetch_all=1" in message, "the refusal names the mode that fetches everything"

@@ -78,7 +78,7 @@ class HFEngine:
         self.kernels = kernels
         self.cache: SlotCache | None = None
         self.decoder: Decoder | None = None
-        self._plan: tuple[int, int] | None = None
+        self._plan: tuple[int, int, int] | None = None
 
     # ---------------------------------------------------------------- planning and set-up
 
@@ -94,44 +94,47 @@ class HFEngine:
                     f"request {r.id}: token id {max(r.prompt_ids)} >= vocab size {self.model.vocab_size} of {self.model.name!r}"
                 )
 
-    def plan_slots(self, trace: Trace) -> tuple[int, int]:
-        """(slots, tokens per slot): the KV limit buys as many slots as fit, the strategy sets their size.
-        Strategies that do not reserve whole slots (paged) get one slot per request and apply the limit themselves."""
+    def plan_slots(self, trace: Trace) -> tuple[int, int, int]:
+        """(slots, tokens per slot, longest context): the KV limit buys as many slots as fit, the strategy sets their
+        size. Strategies that do not reserve whole slots (paged) get one slot per request and apply the limit
+        themselves."""
         self._check(trace)
         slot_tokens = max(self.strategy.capacity(r) for r in trace.requests)
+        context = trace.max_context_tokens
         n_slots = min(self.max_batch, len(trace))
         if self.kv_limit_bytes is not None and self.strategy.reserves_slots:
-            slot_bytes = self.strategy.slot_bytes(self.model, slot_tokens)
+            slot_bytes = self.strategy.slot_bytes(self.model, slot_tokens, context)
             n_slots = min(n_slots, self.kv_limit_bytes // slot_bytes)
             if n_slots < 1:
                 raise KVConfigError(
                     f"kv_limit_bytes={self.kv_limit_bytes} cannot hold one request: {self.strategy.label()} needs "
                     f"{slot_tokens} tokens in {slot_bytes} B; raise the limit or lower the budget"
                 )
-        return n_slots, slot_tokens
+        return n_slots, slot_tokens, context
 
-    def describe(self, n_slots: int, slot_tokens: int) -> str:
+    def describe(self, n_slots: int, slot_tokens: int, context: int) -> str:
+        need = n_slots * self.strategy.slot_bytes(self.model, slot_tokens, context)
         return (f"model {self.model.name}, strategy {self.strategy.label()}, {n_slots} slots x {slot_tokens} tokens "
-                f"({n_slots * self.strategy.slot_bytes(self.model, slot_tokens) / 2**30:.2f} GiB of KV)")
+                f"({need / 2**30:.2f} GiB of KV)")
 
-    def _setup(self, n_slots: int, slot_tokens: int) -> None:
+    def _setup(self, n_slots: int, slot_tokens: int, context: int) -> None:
         """The cache (and on CUDA the captured step graphs) for this plan; reused while the plan stays the same."""
-        if self._plan == (n_slots, slot_tokens):
+        if self._plan == (n_slots, slot_tokens, context):
             self.cache.reset()
             return
         self._release()
         if self.model.device.type == "cuda":
-            need = n_slots * self.strategy.slot_bytes(self.model, slot_tokens)
+            need = n_slots * self.strategy.slot_bytes(self.model, slot_tokens, context)
             free = free_memory_bytes(self.model.device)
             if need > free:
-                raise KVOutOfMemory(f"{self.describe(n_slots, slot_tokens)}: needs {need / 2**30:.2f} GiB of KV "
+                raise KVOutOfMemory(f"{self.describe(n_slots, slot_tokens, context)}: needs {need / 2**30:.2f} GiB of KV "
                                     f"storage, {free / 2**30:.2f} GiB free on {self.model.device}")
         self.cache = self.strategy.make_cache(self.model, n_slots, slot_tokens, self.kv_limit_bytes)
         self.decoder = Decoder(self.model, self.cache, self.kernels)
         with routed_attention(self.model):
             self.cache.setup(self.decoder)
         self.decoder.capture(n_slots)
-        self._plan = (n_slots, slot_tokens)
+        self._plan = (n_slots, slot_tokens, context)
 
     def _release(self) -> None:
         """Drop the cache and graphs and give their memory back (also after an out-of-memory error)."""
@@ -140,7 +143,7 @@ class HFEngine:
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _guarded(self, plan: tuple[int, int], work: Callable[[], object]) -> object:
+    def _guarded(self, plan: tuple[int, int, int], work: Callable[[], object]) -> object:
         """Run `work`; torch's out-of-memory error becomes KVOutOfMemory after the memory is released."""
         try:
             return work()
@@ -157,7 +160,7 @@ class HFEngine:
         return self._guarded(plan, lambda: self._run(trace, plan, on_token))
 
     @torch.inference_mode()
-    def _run(self, trace: Trace, plan: tuple[int, int], on_token) -> RunResult:
+    def _run(self, trace: Trace, plan: tuple[int, int, int], on_token) -> RunResult:
         self._setup(*plan)
         cache = self.cache
         pending = deque(sorted(trace.requests, key=lambda r: r.arrival_s))

@@ -337,8 +337,9 @@ class KVStrategy:
     def capacity(self, request: Request) -> int:
         return request.context_tokens
 
-    def slot_bytes(self, model: LoadedModel, slot_tokens: int) -> int:
-        """Device bytes one slot of `slot_tokens` allocates; the KV memory limit buys slots at this price."""
+    def slot_bytes(self, model: LoadedModel, slot_tokens: int, context_tokens: int | None = None) -> int:
+        """Device bytes one slot of `slot_tokens` allocates for requests of up to `context_tokens` tokens; the KV
+        memory limit buys slots at this price."""
         return slot_tokens * model.kv_bytes_per_token
 
     def make_cache(self, model: LoadedModel, n_slots: int, slot_tokens: int,

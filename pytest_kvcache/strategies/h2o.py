@@ -219,7 +219,7 @@ class H2O(KVStrategy):
         heavy = int(self.heavy_ratio * tokens + 1e-9)
         return heavy, tokens - heavy
 
-    def slot_bytes(self, model: LoadedModel, slot_tokens: int) -> int:
+    def slot_bytes(self, model: LoadedModel, slot_tokens: int, context_tokens: int | None = None) -> int:
         """K/V of every cell plus its float32 score and int64 position, per layer and KV head."""
         return slot_tokens * (model.kv_bytes_per_token + model.num_layers * model.num_kv_heads * 12)
 

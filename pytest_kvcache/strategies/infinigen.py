@@ -9,11 +9,13 @@ speculation and prefetch), and the snu-comparch/InfiniGen reference code:
   RoPE: Llama rotates q/k after the projection, so the reference cannot fold A into W_q/W_k as it does for OPT;
   `modeling_llama_ours.py` takes the SVD of the *rotated* warm-up q/k and applies A to rotated q/k in the
   speculation path only. We do the same: real attention never sees A and is the `full` computation.
-- partial columns (`partial_weight_generation_controller.py`): at each request's prefill, per head the
-  `int(head_dim * partial_ratio)` columns with the largest sum of |QA| over the prompt; the partial key cache
-  (those columns of KA for every cached token) stays on the device.
+- partial columns (`accuracy/src/modeling_llama_ours_setup.py`, the Llama path): per head the union of the
+  `int(head_dim * partial_ratio)` columns with the largest sum of |QA| and those with the largest sum of |KA|
+  (so between 1x and 2x that many), chosen at each request's prefill; the partial key cache (those columns of KA
+  for every cached token) stays on the device.
 - speculation (`kv_selection_controller.speculate_attention`): layer i's attention input (after
-  input_layernorm, read by a pre-hook on layer i's self_attn) times layer i+1's query weight, rotated to the
+  input_layernorm, handed over by the engine's decoder before layer i's attention) times layer i+1's query
+  weight, rotated to the
   query position, skewed and cut to the partial columns, against layer i+1's partial keys gives approximate
   logits (scaled like real ones); per head, count tokens with logit > max - alpha, average the count over
   heads, cap it at the budget (`max_num_kv`) and take that many top tokens per head. Layers 0-1 are dense
@@ -24,9 +26,11 @@ speculation and prefetch), and the snu-comparch/InfiniGen reference code:
   does for them. On CPU the device buffers are separate CPU tensors, so the copy still happens.
 
 Deliberate differences, and why:
-- Warm-up: one fixed prompt of seeded random token ids (WARMUP_TOKENS), run once per model at attach() and
-  memoised, not the reference's PG-19 book excerpt: no text ships for random-weight models, and the package's
-  own text is what the quality suites prompt with.
+- Warm-up: as the reference (the first 2048 tokens of a PG-19 book), real prose: `pytest_kvcache/data/warmup.txt`,
+  which no quality metric reads, tokenized by the model's own tokenizer, run once per model and memoised. Models
+  without a tokenizer (the random-weight shapes, whose "text" has no meaning) warm up on seeded random token ids.
+- Budget: a fraction below 1 of each request's context, or a token count (the reference asserts budget <
+  capacity = 1.0); `fetch_all=1` is the named mode that fetches every cached token (the exactness check).
 - GQA (the reference models are multi-head): heads sharing one KV head share one A (SVD of their stacked
   queries), one set of partial columns (summed |QA| over the group) and one token selection (the group's max
   speculated logit), so each KV head is fetched once; with one query head per KV head this is the reference.
@@ -35,8 +39,10 @@ Deliberate differences, and why:
   that fetching everything reproduces `full` bit for bit.
 - The host pool is never evicted (the reference's default capacity 1.0), so no token is ever lost.
 
-Counters: tokens stay "resident" in the host store (no eviction); bytes_to_host counts every stored token's K
-and V; bytes_to_device counts exactly the K and V rows copied to the device. recall() reports how many of the
+Counters: resident bytes are what the device holds (the partial keys of every held token, plus each step's fetched
+K/V, two layers at a time); the full K/V stays in the host store (no eviction): bytes_to_host counts every stored
+token's K and V, bytes_to_device exactly the K and V rows copied to the device. Under a KV memory limit a slot costs
+its device footprint (InfiniGen.slot_bytes), not the full cache's. recall() reports how many of the
 true top-k tokens (k = the number speculated, ranked by the real logits of layer i+1 over all cached keys) the
 speculation fetched; it should become a metric.
 """
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from importlib.resources import files
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -56,8 +63,9 @@ from pytest_kvcache.strategies.base import AttendSpec, KVStrategy, SlotCache, St
 from pytest_kvcache.traces import Request
 
 DENSE_LAYERS = 2
-WARMUP_TOKENS = 512
+WARMUP_TOKENS = 2048
 WARMUP_SEED = 0
+WARMUP_TEXT = "data/warmup.txt"
 _SKEW: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -73,6 +81,20 @@ def skewing_matrices(q_rot: torch.Tensor, k_rot: torch.Tensor) -> torch.Tensor:
     ind = (s_q * s_k).argsort(dim=-1)
     skew = torch.zeros(kv_heads, dim, dim, device=q_rot.device)
     return skew.scatter(-1, ind[:, None, :].expand(kv_heads, dim, dim), vh_q.mT)
+
+
+def partial_columns(q_mass: torch.Tensor, k_mass: torch.Tensor, per_side: int,
+                    width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's Llama partial columns: per head (rows of q_mass/k_mass (H, D), summed |QA| and |KA|), the
+    union of the `per_side` largest of each. Returns column indices (H, width) with the union first (ascending) and
+    a mask (H, width) of which are in it (the rest pad to a fixed width and are zeroed at speculation)."""
+    heads, dim = q_mass.shape
+    chosen = torch.zeros(heads, dim, dtype=torch.bool, device=q_mass.device)
+    chosen.scatter_(-1, q_mass.topk(per_side, dim=-1).indices, True)
+    chosen.scatter_(-1, k_mass.topk(per_side, dim=-1).indices, True)
+    columns = torch.arange(dim, device=q_mass.device).expand(heads, dim)
+    order = torch.where(chosen, columns, columns + dim).argsort(dim=-1)[:, :width]
+    return order, chosen.gather(-1, order)
 
 
 def select_tokens(scores: torch.Tensor, alpha: float, cap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,13 +123,24 @@ class _WarmupRecorder:
         self.q[layer], self.k[layer] = q[0], k[0]
 
 
+def warmup_ids(model: LoadedModel) -> list[int]:
+    """The warm-up prompt: the shipped prose through the model's tokenizer, else seeded random ids (>= head_dim)."""
+    length = min(max(WARMUP_TOKENS, model.head_dim), model.config.max_position_embeddings)
+    if model.tokenizer is not None:
+        text = files("pytest_kvcache").joinpath(WARMUP_TEXT).read_text()
+        ids = list(model.tokenizer(text).input_ids[:length])
+        if len(ids) < model.head_dim:
+            raise KVConfigError(f"infinigen: {WARMUP_TEXT} gives {len(ids)} tokens, fewer than head_dim {model.head_dim}")
+        return ids
+    generator = torch.Generator().manual_seed(WARMUP_SEED)
+    return torch.randint(model.vocab_size, (length,), generator=generator).tolist()
+
+
 def skewing(model: LoadedModel, decoder) -> torch.Tensor:
     """Skewing matrices (layers, Hkv, D, D) of a model from its warm-up prompt, computed once per model; the
     decoder prefills the prompt (the engine routes the model's attention to it)."""
     if model.model not in _SKEW:
-        length = min(max(WARMUP_TOKENS, model.head_dim), model.config.max_position_embeddings)
-        generator = torch.Generator().manual_seed(WARMUP_SEED)
-        ids = torch.randint(model.vocab_size, (length,), generator=generator).tolist()
+        ids = warmup_ids(model)
         recorder = _WarmupRecorder()
         decoder.prefill([0], [ids], cache=recorder)
         layers = [skewing_matrices(recorder.q[i], recorder.k[i]) for i in range(model.num_layers)]
@@ -150,6 +183,7 @@ class InfiniGenCache(SlotCache):
         self.groups = model.config.num_attention_heads // self.kv_heads
         self.dense = min(DENSE_LAYERS, model.num_layers)
         self.partial = max(1, int(self.head_dim * strategy.partial_ratio))
+        self.width = min(self.head_dim, 2 * self.partial)  # union of the |QA| and |KA| top columns
         self.pinned = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.pinned else None
         self.events: list[torch.cuda.Event | None] = [None, None]
@@ -157,8 +191,9 @@ class InfiniGenCache(SlotCache):
         self.v = torch.zeros_like(self.k)
         self.new_k = torch.zeros((model.num_layers, n_slots, self.kv_heads, self.head_dim), dtype=dtype, device=device)
         self.new_v = torch.zeros_like(self.new_k)
-        index_shape = (model.num_layers - self.dense, n_slots, self.kv_heads, self.partial)
+        index_shape = (model.num_layers - self.dense, n_slots, self.kv_heads, self.width)
         self.partial_index = torch.zeros(index_shape, dtype=torch.long, device=device)
+        self.partial_valid = torch.zeros(index_shape, dtype=torch.bool, device=device)
         self.host_tokens = 0
         self._grow(0)
         self.skew: torch.Tensor | None = None
@@ -169,13 +204,20 @@ class InfiniGenCache(SlotCache):
         self.recall_hits = [0] * self.model.num_layers
         self.recall_total = [0] * self.model.num_layers
 
+    @property
+    def token_bytes(self) -> int:
+        """Device bytes one held token costs: its partial keys in the sparse layers (its K/V live on the host and
+        reach the device only when fetched, counted per step in `advance`)."""
+        layers = self.model.num_layers - min(DENSE_LAYERS, self.model.num_layers)
+        return layers * self.model.num_kv_heads * self.width * (torch.finfo(self.model.dtype).bits // 8)
+
     def setup(self, decoder) -> None:
         """Skewing matrices from the warm-up prompt (run once per model through the engine's decoder)."""
         self.skew = skewing(self.model, decoder)
     @property
     def allocated_bytes(self) -> int:
         """Device bytes: the two fetch buffers, the partial key cache and its column index (host store excluded)."""
-        tensors = (self.k, self.v, self.partial_keys, self.partial_index, self.new_k, self.new_v)
+        tensors = (self.k, self.v, self.partial_keys, self.partial_index, self.partial_valid, self.new_k, self.new_v)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def recall(self, layer: int | None = None) -> float:
@@ -190,7 +232,7 @@ class InfiniGenCache(SlotCache):
         shape = (self.model.num_layers, self.n_slots, self.kv_heads, tokens, self.head_dim)
         host_k = torch.zeros(shape, dtype=self.model.dtype, pin_memory=self.pinned)
         host_v = torch.zeros(shape, dtype=self.model.dtype, pin_memory=self.pinned)
-        partial_keys = torch.zeros((shape[0] - self.dense, *shape[1:4], self.partial), dtype=self.model.dtype,
+        partial_keys = torch.zeros((shape[0] - self.dense, *shape[1:4], self.width), dtype=self.model.dtype,
                                    device=self.model.device)
         if old:
             host_k[..., :old, :] = self.host_k
@@ -214,6 +256,7 @@ class InfiniGenCache(SlotCache):
         self.host_v[:, dst, :, :n] = self.host_v[:, src, :, :n]
         self.partial_keys[:, dst, :, :n] = self.partial_keys[:, src, :, :n]
         self.partial_index[:, dst] = self.partial_index[:, src]
+        self.partial_valid[:, dst] = self.partial_valid[:, src]
         self.kept[dst], self.seen[dst], self.limit[dst] = self.kept[src], self.seen[src], self.limit[src]
         self.kept[src] = 0
 
@@ -225,14 +268,15 @@ class InfiniGenCache(SlotCache):
         if layer >= self.dense:
             sparse, skew = layer - self.dense, self.skew[layer]
             skewed_q = q[0].reshape(self.kv_heads, self.groups, length, self.head_dim) @ skew[:, None]
-            index = skewed_q.abs().sum(dim=(1, 2)).topk(self.partial, dim=-1).indices
-            self.partial_index[sparse, slot] = index
             skewed_k = k[0] @ skew
+            index, valid = partial_columns(skewed_q.abs().sum(dim=(1, 2)), skewed_k.abs().sum(dim=1), self.partial,
+                                           self.width)
+            self.partial_index[sparse, slot], self.partial_valid[sparse, slot] = index, valid
             self.partial_keys[sparse, slot, :, :length] = skewed_k.gather(-1, index[:, None].expand(-1, length, -1))
 
     def finish_prefill(self, slot: int, prompt_tokens: int) -> None:
         super().finish_prefill(slot, prompt_tokens)
-        self.counters.bytes_to_host += prompt_tokens * self.token_bytes
+        self.counters.bytes_to_host += prompt_tokens * self.model.kv_bytes_per_token
 
     def prepare(self, batch: int) -> None:
         """Step state, then the dense layers' whole KV is fetched (sparse layers are fetched as speculated)."""
@@ -243,8 +287,8 @@ class InfiniGenCache(SlotCache):
         cells = torch.arange(span, device=device)
         everything = torch.where(cells < kept[:, None], cells, span)[:, None].expand(batch, self.kv_heads, span)
         self.fetched: dict[int, _Fetch] = {}
-        self.kept_now, self.cap = kept, cap
-        self.read_rows = 0
+        self.kept_now, self.cap, self.everything = kept, cap, everything
+        self.read_rows = self.widest_fetch = 0
         for layer in range(self.dense):
             keys = torch.zeros((batch, self.kv_heads, span + 1, self.head_dim), dtype=self.v.dtype, device=device)
             self.fetched[layer] = self._fetch(layer, everything, kept, keys, torch.zeros_like(keys))
@@ -260,18 +304,22 @@ class InfiniGenCache(SlotCache):
             self.fetched[layer + 1] = self._speculate(layer + 1, hidden, step)
 
     def _speculate(self, layer: int, hidden: torch.Tensor, step: Step) -> _Fetch:
-        """Approximate logits of `layer` from the previous layer's normed input (B, hidden); fetch the chosen."""
+        """Approximate logits of `layer` from the previous layer's normed input (B, hidden); fetch the chosen
+        (everything with fetch_all)."""
         attn, batch, sparse = self.attn[layer], step.batch, layer - self.dense
+        parity = layer % 2
+        if self.strategy.fetch_all:
+            return self._fetch(layer, self.everything, self.kept_now, self.k[parity], self.v[parity])
         q = attn.q_proj(hidden).view(batch, -1, 1, self.head_dim)
         q_rot = rope(q, step.cos, step.sin).reshape(batch, self.kv_heads, self.groups, self.head_dim)
         index = self.partial_index[sparse, :batch, :, None].expand(-1, -1, self.groups, -1)
-        partial_q = (q_rot @ self.skew[layer]).gather(-1, index)
+        valid = self.partial_valid[sparse, :batch, :, None]
+        partial_q = (q_rot @ self.skew[layer]).gather(-1, index) * valid
         span = max(self.kept[:batch])
         keys = self.partial_keys[sparse, :batch, :, :span]
         scores = ((partial_q @ keys.mT) * attn.scaling).amax(dim=2)
         absent = torch.arange(span, device=scores.device) >= self.kept_now[:, None, None]
         chosen, count = select_tokens(scores.masked_fill(absent, -math.inf), self.strategy.alpha, self.cap)
-        parity = layer % 2
         return self._fetch(layer, chosen, count, self.k[parity], self.v[parity])
 
     def _fetch(self, layer: int, chosen: torch.Tensor, count: torch.Tensor, keys: torch.Tensor,
@@ -291,6 +339,7 @@ class InfiniGenCache(SlotCache):
         torch.index_select(self.host_v[layer].view(-1, self.head_dim), 0, flat, out=self.staging[parity, 1, :n])
         self.counters.bytes_to_device += 2 * n * self.head_dim * self.staging.element_size()
         self.read_rows += n
+        self.widest_fetch = max(self.widest_fetch, n)
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(keys.device))
         with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
@@ -349,21 +398,26 @@ class InfiniGenCache(SlotCache):
         self.recall_total[layer] += int(count.sum()) * self.kv_heads
 
     def advance(self, batch: int) -> None:
-        """Write this step's new K/V of every layer to the host store (one copy), then count the token."""
+        """Write this step's new K/V of every layer to the host store (one copy), then count the token; the step's
+        fetched K/V were on the device too, two layers' worth at a time (double buffering)."""
         write = torch.tensor(self.kept[:batch])
         rows = torch.arange(batch)
         self.host_k[:, rows, :, write] = self.new_k[:, :batch].cpu().transpose(0, 1)
         self.host_v[:, rows, :, write] = self.new_v[:, :batch].cpu().transpose(0, 1)
-        self.counters.bytes_to_host += batch * self.token_bytes
+        self.counters.bytes_to_host += batch * self.model.kv_bytes_per_token
+        in_flight = 2 * self.widest_fetch * 2 * self.head_dim * self.v.element_size()
+        self.counters.add_resident(in_flight)
+        self.counters.add_resident(-in_flight)
         super().advance(batch)
 
 
 @dataclass(frozen=True)
 class InfiniGen(KVStrategy):
-    """budget: most tokens fetched per layer (reference `max_num_kv`/`budget`), a fraction of each request's context
-    in (0, 1] or a token count; alpha: fetch tokens with speculated logit > max - alpha (paper: 4 OPT, 5 Llama-2);
-    partial_ratio: share of head_dim columns used to speculate, in (0, 1] (paper 0.2); track_recall: 1 measures the
-    speculation's recall against the true top-k every step (costs a full-key pass on the host), 0 skips it."""
+    """budget: most tokens fetched per layer (reference `max_num_kv`/`budget`), a fraction below 1 of each request's
+    context or a token count; alpha: fetch tokens with speculated logit > max - alpha (paper: 4 OPT, 5 Llama-2);
+    partial_ratio: share of head_dim columns per side (|QA| and |KA|) used to speculate, in (0, 1] (paper 0.2);
+    track_recall: 1 measures the speculation's recall against the true top-k every step (costs a full-key pass on
+    the host), 0 skips it; fetch_all: 1 fetches every cached token every step (the budget is then unused)."""
 
     name = "infinigen"
     cache_class = InfiniGenCache
@@ -371,9 +425,13 @@ class InfiniGen(KVStrategy):
     alpha: float = 5.0
     partial_ratio: float = 0.2
     track_recall: int = 1
+    fetch_all: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", parse_budget(self.budget))
+        if self.budget == 1.0 and isinstance(self.budget, float):
+            raise KVConfigError("infinigen: budget must be below 1 of the context (the reference asserts budget < "
+                                "capacity); to fetch every cached token use infinigen:fetch_all=1")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
             raise KVConfigError(f"infinigen: alpha must be a finite number > 0 (4 OPT, 5 Llama-2), got {self.alpha!r}")
         ratio = self.partial_ratio
@@ -381,7 +439,25 @@ class InfiniGen(KVStrategy):
             raise KVConfigError(f"infinigen: partial_ratio must be in (0, 1] (paper: 0.2), got {ratio!r}")
         if self.track_recall not in (0, 1):
             raise KVConfigError(f"infinigen: track_recall must be 0 or 1, got {self.track_recall!r}")
+        if self.fetch_all not in (0, 1):
+            raise KVConfigError(f"infinigen: fetch_all must be 0 or 1, got {self.fetch_all!r}")
 
     def capacity(self, request: Request) -> int:
-        """Device fetch-buffer tokens: the budget plus the current token, never more than the context."""
+        """Device fetch-buffer tokens: the budget plus the current token (every token with fetch_all), never more
+        than the context."""
+        if self.fetch_all:
+            return request.context_tokens
         return min(budget_tokens(self.budget, request) + 1, request.context_tokens)
+
+    def slot_bytes(self, model: LoadedModel, slot_tokens: int, context_tokens: int | None = None) -> int:
+        """What one request keeps on the device (the host store is not device memory): two fetch buffers of
+        `slot_tokens` cells (one layer each), the partial keys of every token of the sparse layers, the dense
+        layers' K/V fetched each step, and the new token's K/V of every layer."""
+        context = context_tokens or slot_tokens
+        elem = torch.finfo(model.dtype).bits // 8
+        heads, dim, layers = model.num_kv_heads, model.head_dim, model.num_layers
+        dense = min(DENSE_LAYERS, layers)
+        width = min(dim, 2 * max(1, int(dim * self.partial_ratio)))
+        fetch = 2 * slot_tokens * heads * dim * 2 * elem
+        partial = (layers - dense) * context * heads * width * elem + (layers - dense) * heads * width * 9
+        return fetch + partial + dense * context * heads * dim * 2 * elem + layers * heads * dim * 2 * elem

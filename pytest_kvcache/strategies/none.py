@@ -53,5 +53,5 @@ class NoKVCache(KVStrategy):
     def capacity(self, request: Request) -> int:
         return 1
 
-    def slot_bytes(self, model, slot_tokens: int) -> int:
+    def slot_bytes(self, model, slot_tokens: int, context_tokens: int | None = None) -> int:
         return 0

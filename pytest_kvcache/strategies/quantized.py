@@ -415,7 +415,7 @@ class Quantized(KVStrategy):
             model.num_layers, model.num_kv_heads, model.head_dim, elem, self.bits, self.group_size, self.residual
         )
 
-    def slot_bytes(self, model: LoadedModel, slot_tokens: int) -> int:
+    def slot_bytes(self, model: LoadedModel, slot_tokens: int, context_tokens: int | None = None) -> int:
         """Bytes one slot of `slot_tokens` tokens allocates: what HFEngine.plan_slots should charge per slot under
         kv_limit_bytes (it charges slot_tokens * kv_bytes_per_token today)."""
         return self.layout(model).allocated_slot_bytes(slot_tokens)
