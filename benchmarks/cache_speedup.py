@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
     parser.add_argument("--new-tokens", type=int, default=256, help="generated tokens (default: 256)")
     parser.add_argument("--repeats", type=int, default=3, help="timed replays per strategy (default: 3)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default: 1; two threads thrash on a busy 2-core machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads on CPU (default: 1; two threads thrash on a busy 2-core machine)")
     parser.add_argument("--out", required=True, help="output path without suffix (.json and .md are written)")
     args = parser.parse_args(argv)
     if args.gpu and not torch.cuda.is_available():

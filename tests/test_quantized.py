@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pytest_kvcache.engines.hf import HFEngine
 from pytest_kvcache.errors import KVConfigError

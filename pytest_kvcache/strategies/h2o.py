@@ -39,7 +39,15 @@ import torch
 
 from pytest_kvcache.errors import KVConfigError
 from pytest_kvcache.models import LoadedModel
-from pytest_kvcache.strategies.base import AttendSpec, AttentionScores, KVStrategy, SlotCache, Step, budget_tokens, parse_budget
+from pytest_kvcache.strategies.base import (
+    AttendSpec,
+    AttentionScores,
+    KVStrategy,
+    SlotCache,
+    Step,
+    budget_tokens,
+    parse_budget,
+)
 from pytest_kvcache.traces import Request
 
 

@@ -51,9 +51,9 @@ from __future__ import annotations
 
 import math
 import weakref
-from importlib.resources import files
 from contextlib import nullcontext
 from dataclasses import dataclass
+from importlib.resources import files
 
 import torch
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import replace, dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from pytest_kvcache.errors import KVConfigError
 from pytest_kvcache.models import LoadedModel
 from pytest_kvcache.strategies.base import AttendSpec, KVStrategy, SlotCache, Step
-from pytest_kvcache.traces import Request
 
 PREEMPT_MODES = ("recompute", "swap")
 
