@@ -41,6 +41,8 @@ class TraceSpec:
     burstiness: gamma shape of the inter-arrival gaps (1.0 = Poisson, < 1 burstier), as in vLLM's benchmark.
     prompt_len / output_len: mean lengths; lengths are uniform in [mean*(1-range_ratio), mean*(1+range_ratio)].
     shared_prefix_len: leading prompt tokens shared by every request (prefix-caching workloads).
+    max_concurrency: the client keeps at most this many requests in flight (0: no limit); a request due while the
+    limit is reached is sent when one finishes, so with rate=inf this is a closed loop (vLLM's --max-concurrency).
     """
 
     num_requests: int = 16
@@ -52,6 +54,7 @@ class TraceSpec:
     shared_prefix_len: int = 0
     vocab_size: int = 512
     seed: int = 0
+    max_concurrency: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -66,6 +69,7 @@ class TraceSpec:
                 f"shared_prefix_len must be in [0, shortest prompt], got {self.shared_prefix_len}",
             ),
             (self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}"),
+            (self.max_concurrency >= 0, f"max_concurrency must be >= 0 (0: no limit), got {self.max_concurrency}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -86,6 +90,11 @@ class Trace:
     @property
     def max_context_tokens(self) -> int:
         return max(r.context_tokens for r in self.requests)
+
+    @property
+    def max_concurrency(self) -> int:
+        """Requests the client keeps in flight at most (0: no limit), from the generator spec."""
+        return self.spec.max_concurrency if self.spec is not None else 0
 
     def head(self, n: int) -> Trace:
         """The first n requests, all arriving at t=0 (used for warm-up)."""

@@ -170,3 +170,19 @@ def test_out_of_memory_is_a_one_line_result_and_the_engine_recovers(tiny, monkey
     assert engine.cache is None and engine.decoder is None
     monkeypatch.setattr(Decoder, "decode", original)
     assert [r.output_ids for r in engine.run(trace).records] == expected
+
+
+def test_closed_loop_keeps_at_most_max_concurrency_in_flight(tiny):
+    """A client limit of 2 with every request due at t=0: never more than 2 in flight, each request is sent when
+    one finishes (its latency counts from then), and the tokens are the open-loop replay's."""
+    spec = TraceSpec(num_requests=5, rate=math.inf, prompt_len=30, output_len=6, vocab_size=tiny.vocab_size, seed=2)
+    closed = synthetic(TraceSpec(**{**spec.__dict__, "max_concurrency": 2}))
+    result = HFEngine(tiny, parse_strategy("full")).run(closed)
+    spans = [(r.arrival_s, r.token_times_s[-1]) for r in result.records]
+    for t, _ in spans:
+        assert sum(start <= t < end for start, end in spans) <= 2
+    assert sorted(r.arrival_s for r in result.records)[2] >= min(end for _, end in spans)
+    open_loop = HFEngine(tiny, parse_strategy("full")).run(synthetic(spec))
+    assert [r.output_ids for r in result.records] == [r.output_ids for r in open_loop.records]
+    with pytest.raises(KVConfigError, match="max_concurrency must be >= 0"):
+        TraceSpec(max_concurrency=-1)

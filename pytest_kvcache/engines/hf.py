@@ -6,7 +6,8 @@ cache is short (paged) the request at the tail of the running list is preempted 
 while the cache has room; (3) the admitted requests are prefilled (together on CUDA) and the others decode one
 token in one batched step. The engine owns slots (running requests occupy slots 0..B-1; a finished request's slot
 gets the last one, moved), victim order and the step state; the policy stores and selects (strategies/base.py).
-Greedy decoding ignores EOS so output lengths are what the trace says.
+Greedy decoding ignores EOS so output lengths are what the trace says. A trace with max_concurrency is replayed as
+a client with that many requests in flight: a due request is sent (and its latency counted from) when one finishes.
 
 Out of memory is a result: the engine drops its cache and graphs, empties the allocator and raises KVOutOfMemory
 with one line naming the configuration and the bytes asked for, so the next test starts on a clean device.
@@ -175,11 +176,13 @@ class HFEngine:
             def clock() -> float:
                 return time.perf_counter() - t0
 
+            limit = trace.max_concurrency or len(trace)
             while pending or waiting or running:
                 now = clock()
-                while pending and pending[0].arrival_s <= now:
+                while pending and pending[0].arrival_s <= now and len(waiting) + len(running) < limit:
                     request = pending.popleft()
-                    record = RequestRecord(request.id, request.arrival_s, len(request.prompt_ids))
+                    sent = max(request.arrival_s, now) if trace.max_concurrency else request.arrival_s
+                    record = RequestRecord(request.id, sent, len(request.prompt_ids))
                     records.append(record)
                     waiting.append(_Sequence(request, record, request.max_new_tokens))
                 if not running and not waiting:

@@ -95,7 +95,7 @@ class _Worker:
     def replay(self, trace: Trace) -> dict:
         requests = [{"id": r.id, "arrival_s": r.arrival_s, "prompt_ids": list(r.prompt_ids),
                      "max_new_tokens": r.max_new_tokens} for r in trace.requests]
-        return self._ask({"trace": requests})
+        return self._ask({"trace": requests, "max_concurrency": trace.max_concurrency})
 
     def close(self, keep_log: bool = False) -> None:
         """Stop the engine and reap the worker and anything it started (vLLM's EngineCore processes, also when the
@@ -213,7 +213,8 @@ class VLLMEngine:
         records = []
         for request in trace.requests:
             got = answer["records"][request.id]
-            records.append(RequestRecord(request.id, request.arrival_s, len(request.prompt_ids), got["output_ids"],
+            sent = got.get("arrival_s", request.arrival_s)  # the send time under a client concurrency limit
+            records.append(RequestRecord(request.id, sent, len(request.prompt_ids), got["output_ids"],
                                          got["token_times_s"], got["scheduled_s"], success=got["error"] is None,
                                          error=got["error"]))
         counters = answer["counters"]

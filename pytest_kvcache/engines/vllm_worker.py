@@ -49,16 +49,26 @@ def _peak_usage_logger(peak: list[float]):
     return PeakUsage
 
 
-async def _one(engine, request: dict, t0: float, record: dict, harness: list[float]) -> None:
-    """Submit one request at its arrival time and stamp every streamed token on this process's monotonic clock
-    (the clock vLLM's EngineCore stamps scheduling with)."""
+async def _one(engine, request: dict, t0: float, record: dict, harness: list[float],
+               slots: asyncio.Semaphore | None) -> None:
+    """Submit one request at its arrival time (when a client slot is free, with max_concurrency) and stamp every
+    streamed token on this process's monotonic clock (the clock vLLM's EngineCore stamps scheduling with)."""
+    delay = t0 + request["arrival_s"] - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    if slots is None:
+        await _stream(engine, request, t0, record, harness)
+        return
+    async with slots:
+        record["arrival_s"] = time.monotonic() - t0
+        await _stream(engine, request, t0, record, harness)
+
+
+async def _stream(engine, request: dict, t0: float, record: dict, harness: list[float]) -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
-    delay = t0 + request["arrival_s"] - time.monotonic()
-    if delay > 0:
-        await asyncio.sleep(delay)
     start = time.monotonic()
     params = SamplingParams(temperature=0, max_tokens=request["max_new_tokens"], ignore_eos=True, detokenize=False,
                             output_kind=RequestOutputKind.DELTA)
@@ -77,15 +87,17 @@ async def _one(engine, request: dict, t0: float, record: dict, harness: list[flo
         record["error"] = _root_cause(e)
 
 
-async def _replay(engine, trace: list[dict], peak: list[float]) -> dict:
-    """One timed replay from a cold prefix cache, so every round measures the trace's own sharing."""
+async def _replay(engine, trace: list[dict], peak: list[float], max_concurrency: int = 0) -> dict:
+    """One timed replay from a cold prefix cache, so every round measures the trace's own sharing; with
+    max_concurrency the client keeps at most that many requests in flight (records then carry the send time)."""
     await engine.reset_prefix_cache()
     before = _counters()
     records = {r["id"]: {"output_ids": [], "token_times_s": [], "scheduled_s": None, "error": None} for r in trace}
     harness = [0.0]
     peak[0] = 0.0
+    slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     t0 = time.monotonic()
-    await asyncio.gather(*(_one(engine, r, t0, records[r["id"]], harness) for r in trace))
+    await asyncio.gather(*(_one(engine, r, t0, records[r["id"]], harness, slots) for r in trace))
     duration = time.monotonic() - t0
     await asyncio.sleep(0.05)
     after = _counters()
@@ -124,7 +136,7 @@ async def main() -> None:
         for message in lines:
             if message.get("stop"):
                 break
-            reply({"ok": True, **await _replay(engine, message["trace"], peak)})
+            reply({"ok": True, **await _replay(engine, message["trace"], peak, message.get("max_concurrency", 0))})
     finally:
         engine.shutdown()
         del engine
