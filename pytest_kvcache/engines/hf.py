@@ -200,10 +200,14 @@ class HFEngine:
         return RunResult(records, duration, cache.counters, extra=self._extra())
 
     def _extra(self) -> dict[str, float]:
-        """Engine metrics of the run: the paged block peak; on CUDA the decode step time and its roofline fraction."""
+        """Engine metrics of the run: the paged block peak; on CUDA the decode step time, its roofline fraction and
+        the share of host<->device copy time hidden under compute."""
         extra: dict[str, float] = {}
         if hasattr(self.cache, "peak_block_bytes"):
             extra["kv_peak_block_bytes"] = float(self.cache.peak_block_bytes)
+        overlap = self.cache.transfers.fraction()
+        if overlap is not None:
+            extra["transfer_overlap"] = overlap
         steps = self.decoder.take_step_times()
         if steps:
             from pytest_kvcache.engines.roofline import copy_bandwidth, weight_bytes

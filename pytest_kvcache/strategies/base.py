@@ -92,6 +92,52 @@ class HostStaged:
             self.device.copy_(self.host, non_blocking=True)
 
 
+class TransferTimer:
+    """How much of the host<->device copy time stayed hidden under compute (CUDA events; nothing on CPU).
+
+    A copy runs on a side stream between `copy_start` and `copy_end`; the compute stream reaches the point where it
+    needs the data at `needed`. The part of the copy after `needed` stalls compute; the rest overlapped it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.pending: list[tuple[torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]] = []
+        self.copy_ms = self.exposed_ms = 0.0
+
+    def start(self, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+        """Mark the start of a copy on `stream` (call before queueing it)."""
+        if not self.cuda or stream is None:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    def end(self, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+        """Mark the end of a copy on `stream`; the compute stream waits on the returned event when it needs it."""
+        return self.start(stream)
+
+    def needed(self, started: torch.cuda.Event | None, ended: torch.cuda.Event | None) -> None:
+        """The compute stream needs this copy's data now: it waits for it, and the wait is timed."""
+        if started is None or ended is None:
+            return
+        stream = torch.cuda.current_stream()
+        need = torch.cuda.Event(enable_timing=True)
+        need.record(stream)
+        stream.wait_event(ended)
+        self.pending.append((started, ended, need))
+
+    def fraction(self) -> float | None:
+        """Overlapped share of all copy time so far (1: every copy hidden), or None without timed copies."""
+        for started, ended, need in self.pending:
+            ended.synchronize()
+            need.synchronize()
+            self.copy_ms += max(0.0, started.elapsed_time(ended))
+            self.exposed_ms += max(0.0, need.elapsed_time(ended))
+        self.pending = []
+        if self.copy_ms <= 0:
+            return None
+        return max(0.0, 1.0 - self.exposed_ms / self.copy_ms)
+
+
 @dataclass
 class Step:
     """One batched decode step of rows 0..batch-1, as the engine prepared it: views of static device buffers."""
@@ -172,6 +218,7 @@ class SlotCache:
         self.seen = [0] * self.n_slots
         self.limit = [0] * self.n_slots
         self.counters = KVCounters()
+        self.transfers = TransferTimer(self.model.device)
 
     @property
     def token_bytes(self) -> int:

@@ -39,6 +39,8 @@ Deliberate differences, and why:
   that fetching everything reproduces `full` bit for bit.
 - The host pool is never evicted (the reference's default capacity 1.0), so no token is ever lost.
 
+On CUDA the share of copy time hidden under compute is measured with CUDA events (`transfer_overlap`).
+
 Counters: resident bytes are what the device holds (the partial keys of every held token, plus each step's fetched
 K/V, two layers at a time); the full K/V stays in the host store (no eviction): bytes_to_host counts every stored
 token's K and V, bytes_to_device exactly the K and V rows copied to the device. Under a KV memory limit a slot costs
@@ -158,6 +160,7 @@ class _Fetch:
     chosen: torch.Tensor
     count: torch.Tensor
     event: torch.cuda.Event | None
+    started: torch.cuda.Event | None
     index: tuple[torch.Tensor, ...]
 
 
@@ -342,18 +345,16 @@ class InfiniGenCache(SlotCache):
         self.widest_fetch = max(self.widest_fetch, n)
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(keys.device))
+        started = self.transfers.start(self.stream)
         with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
             packed = torch.empty((2, n, self.head_dim), dtype=keys.dtype, device=keys.device)
             packed[0].copy_(self.staging[parity, 0, :n], non_blocking=True)
             packed[1].copy_(self.staging[parity, 1, :n], non_blocking=True)
             keys[rows, head, cell] = packed[0]
             values[rows, head, cell] = packed[1]
-        event = None
-        if self.stream is not None:
-            event = torch.cuda.Event()
-            event.record(self.stream)
+        event = self.transfers.end(self.stream)
         self.events[parity] = event
-        return _Fetch(keys, values, chosen, count, event, (rows, head, cell))
+        return _Fetch(keys, values, chosen, count, event, started, (rows, head, cell))
 
     def write_target(self, layer: int, step: Step) -> None:
         return None
@@ -362,8 +363,7 @@ class InfiniGenCache(SlotCache):
               written: bool = False) -> AttendSpec:
         """Attention over the fetched tokens plus the current one (at position count), in position order."""
         fetched = self.fetched.pop(layer)
-        if fetched.event is not None:
-            torch.cuda.current_stream(q.device).wait_event(fetched.event)
+        self.transfers.needed(fetched.started, fetched.event)
         batch = step.batch
         rows = torch.arange(batch, device=q.device)
         fetched.keys[rows, :, fetched.count] = k

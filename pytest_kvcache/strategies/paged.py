@@ -18,8 +18,9 @@ Deliberate differences:
 - Attention reads the blocks in place through the block table (the paper's Section 4.1 kernel: the engine's
   split-K kernel on CUDA) or, on CPU, gathers each row's blocks into a padded view for the masked SDPA of the full
   cache (so outputs match `full` bit for bit); keys are stored after RoPE at their original positions.
-- The host copy of a swapped request is a fresh pinned tensor filled on a copy stream, not a bounded CPU block
-  pool (V0's `swap_space`); swapped bytes are unbounded.
+- The host copy of a swapped request is a fresh pinned tensor filled on a copy stream that overlaps the step (the
+  share of copy time hidden is measured: `transfer_overlap`), not a bounded CPU block pool (V0's `swap_space`);
+  swapped bytes are unbounded.
 - Pool size: the `blocks` parameter, or under a KV memory limit as many blocks as it buys (vLLM's
   num_gpu_blocks), or enough for every row to hold the longest request.
 
@@ -62,10 +63,12 @@ class SwappedKV:
 
 
 def _to_host(pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Copy blocks `ids` of every layer of a pool into a new host tensor (pinned on CUDA, as vLLM's swap space is)."""
+    """Copy blocks `ids` of every layer of a pool into a new host tensor (pinned on CUDA, as vLLM's swap space is;
+    asynchronous there: valid once the copy stream's event has passed)."""
     shape = (pool.shape[0], ids.numel(), *pool.shape[2:])
-    host = torch.empty(shape, dtype=pool.dtype, pin_memory=pool.device.type == "cuda")
-    return host.copy_(pool[:, ids])
+    cuda = pool.device.type == "cuda"
+    host = torch.empty(shape, dtype=pool.dtype, pin_memory=cuda)
+    return host.copy_(pool[:, ids], non_blocking=cuda)
 
 
 class PagedCache(SlotCache):
@@ -105,6 +108,14 @@ class PagedCache(SlotCache):
         self.row_blocks = [0] * self.n_slots
         self.free: deque[int] = deque(range(self.num_blocks))
         self.peak_used_blocks = 0
+        self.swapping_out: list[tuple] = []  # (start, end event, host copy) of copies still on the copy stream
+        self.swapping_in: list[tuple] = []
+
+    def _wait(self, copies: list[tuple]) -> None:
+        """The compute stream needs these copies done: it waits (timed: the stall counts against the overlap)."""
+        for started, ended, _ in copies:
+            self.transfers.needed(started, ended)
+        copies.clear()
 
     @property
     def used_blocks(self) -> int:
@@ -120,7 +131,10 @@ class PagedCache(SlotCache):
         return math.ceil(tokens / self.block_size)
 
     def _grow(self, row: int, tokens: int) -> None:
-        """Append blocks from the free pool to `row` until it holds `tokens` tokens."""
+        """Append blocks from the free pool to `row` until it holds `tokens` tokens (blocks that a swap-out is still
+        copying are only handed out once the copy is done)."""
+        if self.row_blocks[row] < self.blocks_for(tokens):
+            self._wait(self.swapping_out)
         while self.row_blocks[row] < self.blocks_for(tokens):
             self.block_table[row, self.row_blocks[row]] = self.free.popleft()
             self.row_blocks[row] += 1
@@ -158,14 +172,16 @@ class PagedCache(SlotCache):
         self.kept[src] = 0
 
     def preempt(self, slot: int) -> SwappedKV | None:
-        """Free all of the request's blocks (all-or-nothing); with swap, copy them to pinned host memory first (on
-        the copy stream, which the compute stream waits for before the blocks can be written again)."""
+        """Free all of the request's blocks (all-or-nothing); with swap, copy them to pinned host memory first, on
+        the copy stream while the step computes: the compute stream waits for it only before those blocks are handed
+        out again (vLLM V1 admits nothing in a step that preempted, so not before the next step)."""
         saved = None
         if self.strategy.preempt == "swap":
             ids = self._row_ids(slot)
+            started = self.transfers.start(self.copy_stream)
             with _on(self.copy_stream):
                 host_k, host_v = _to_host(self.k, ids), _to_host(self.v, ids)
-            _join(self.copy_stream)
+            self.swapping_out.append((started, self.transfers.end(self.copy_stream), None))
             saved = SwappedKV(host_k, host_v, self.kept[slot], self.seen[slot], self.limit[slot])
             self.counters.bytes_to_host += saved.nbytes
         self.counters.add_resident(-self.kept[slot] * self.token_bytes)
@@ -178,10 +194,12 @@ class PagedCache(SlotCache):
         self.kept[slot], self.seen[slot], self.limit[slot] = saved.kept, saved.seen, saved.limit
         self._grow(slot, saved.kept)
         ids = self._row_ids(slot)
+        self._wait(self.swapping_out)  # its host copy may still be arriving
+        started = self.transfers.start(self.copy_stream)
         with _on(self.copy_stream):
             self.k[:, ids] = saved.k.to(self.k.device, non_blocking=True)
             self.v[:, ids] = saved.v.to(self.v.device, non_blocking=True)
-        _join(self.copy_stream)
+        self.swapping_in.append((started, self.transfers.end(self.copy_stream), saved))
         self.counters.bytes_to_device += saved.nbytes
         self.counters.add_resident(saved.kept * self.token_bytes)
 
@@ -196,7 +214,9 @@ class PagedCache(SlotCache):
             pool[layer, ids] = blocks.transpose(0, 1)
 
     def prepare(self, batch: int) -> None:
-        """Write cells of the step: the engine has reserved every row's block for its next token."""
+        """Write cells of the step: the engine has reserved every row's block for its next token; swapped-in rows
+        must have arrived."""
+        self._wait(self.swapping_in)
         super().prepare(batch)
         self.fields.set("write", [n % self.block_size for n in self.kept[:batch]])
         self.fields.set("write_block", [int(self.block_table[r, n // self.block_size]) for r, n in
@@ -221,12 +241,6 @@ def _on(stream: torch.cuda.Stream | None):
         return nullcontext()
     stream.wait_stream(torch.cuda.current_stream(stream.device))
     return torch.cuda.stream(stream)
-
-
-def _join(stream: torch.cuda.Stream | None) -> None:
-    """Make the current stream wait for what `stream` has queued."""
-    if stream is not None:
-        torch.cuda.current_stream(stream.device).wait_stream(stream)
 
 
 @dataclass(frozen=True)
