@@ -248,26 +248,42 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
 
 
 @triton.jit
-def _rope_kernel(X, COS, SIN, stride_xr, stride_xh, stride_cr, n_heads, HALF: tl.constexpr):
-    row = tl.program_id(0)
-    head = tl.program_id(1)
+def _rotated(src, COS, SIN, row, stride_cr, HALF: tl.constexpr):
+    """The two halves of one head's vector at `src` rotated by row `row` of COS/SIN (rotate-half RoPE)."""
     i = tl.arange(0, HALF)
-    base = X + row * stride_xr + head * stride_xh
-    lo = tl.load(base + i).to(tl.float32)
-    hi = tl.load(base + HALF + i).to(tl.float32)
+    lo = tl.load(src + i).to(tl.float32)
+    hi = tl.load(src + HALF + i).to(tl.float32)
     cos_lo = tl.load(COS + row * stride_cr + i).to(tl.float32)
     cos_hi = tl.load(COS + row * stride_cr + HALF + i).to(tl.float32)
     sin_lo = tl.load(SIN + row * stride_cr + i).to(tl.float32)
     sin_hi = tl.load(SIN + row * stride_cr + HALF + i).to(tl.float32)
-    tl.store(base + i, (lo * cos_lo - hi * sin_lo).to(X.dtype.element_ty))
-    tl.store(base + HALF + i, (hi * cos_hi + lo * sin_hi).to(X.dtype.element_ty))
+    return lo * cos_lo - hi * sin_lo, hi * cos_hi + lo * sin_hi
 
 
-def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate x (R, H, D) in place by cos/sin (R, D): Llama's rotate-half RoPE, x*cos + rotate_half(x)*sin."""
+@triton.jit
+def _rope_kernel(X, OUT, COS, SIN, stride_xr, stride_xh, stride_or, stride_oh, stride_cr, HALF: tl.constexpr):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    i = tl.arange(0, HALF)
+    new_lo, new_hi = _rotated(X + row * stride_xr + head * stride_xh, COS, SIN, row, stride_cr, HALF)
+    dst = OUT + row * stride_or + head * stride_oh
+    tl.store(dst + i, new_lo.to(OUT.dtype.element_ty))
+    tl.store(dst + HALF + i, new_hi.to(OUT.dtype.element_ty))
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate x (R, H, D) by cos/sin (R, D), Llama's rotate-half RoPE x*cos + rotate_half(x)*sin: in place, or into
+    `out` (R, H, D) when given; returns the rotated tensor."""
     rows, heads, dim = x.shape
-    _rope_kernel[(rows, heads)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), heads, HALF=dim // 2,
-                                num_warps=1)
+    out = x if out is None else out
+    _rope_kernel[(rows, heads)](x, out, cos, sin, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+                                cos.stride(0), HALF=dim // 2, num_warps=1)
+    return out
+
+
+def rope_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """A rotated copy of x (R, H, D) by cos/sin (R, D) (x is left as it is)."""
+    return rope_(x, cos, sin, torch.empty(x.shape, dtype=x.dtype, device=x.device))
 
 
 @triton.jit
@@ -383,32 +399,6 @@ def store_kv(keys: torch.Tensor, values: torch.Tensor, new_k: torch.Tensor, new_
 
 
 @triton.jit
-def _rope_into_kernel(X, OUT, COS, SIN, stride_xr, stride_xh, stride_or, stride_oh, stride_cr, HALF: tl.constexpr):
-    row = tl.program_id(0)
-    head = tl.program_id(1)
-    i = tl.arange(0, HALF)
-    src = X + row * stride_xr + head * stride_xh
-    dst = OUT + row * stride_or + head * stride_oh
-    lo = tl.load(src + i).to(tl.float32)
-    hi = tl.load(src + HALF + i).to(tl.float32)
-    cos_lo = tl.load(COS + row * stride_cr + i).to(tl.float32)
-    cos_hi = tl.load(COS + row * stride_cr + HALF + i).to(tl.float32)
-    sin_lo = tl.load(SIN + row * stride_cr + i).to(tl.float32)
-    sin_hi = tl.load(SIN + row * stride_cr + HALF + i).to(tl.float32)
-    tl.store(dst + i, (lo * cos_lo - hi * sin_lo).to(OUT.dtype.element_ty))
-    tl.store(dst + HALF + i, (hi * cos_hi + lo * sin_hi).to(OUT.dtype.element_ty))
-
-
-def rope_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """A rotated copy of x (R, H, D) by cos/sin (R, D) (x is left as it is)."""
-    rows, heads, dim = x.shape
-    out = torch.empty((rows, heads, dim), dtype=x.dtype, device=x.device)
-    _rope_into_kernel[(rows, heads)](x, out, cos, sin, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-                                     cos.stride(0), HALF=dim // 2, num_warps=1)
-    return out
-
-
-@triton.jit
 def _h2o_update_kernel(LOGITS, LSE, SCORE, POS, K, V, LENGTHS, WRITE, FULL, WINDOW, POSITION,
                        stride_lr, stride_lh, stride_er, stride_sr, stride_sh, stride_kb, stride_kh, stride_kt,
                        stride_vb, stride_vh, stride_vt, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
@@ -482,14 +472,9 @@ def _rope_store_kernel(QK, V, COS, SIN, K_CACHE, V_CACHE, OUTER, CELL, stride_xr
     head = tl.program_id(1)
     i = tl.arange(0, HALF)
     base = QK + row * stride_xr + head * stride_xh
-    lo = tl.load(base + i).to(tl.float32)
-    hi = tl.load(base + HALF + i).to(tl.float32)
-    cos_lo = tl.load(COS + row * stride_cr + i).to(tl.float32)
-    cos_hi = tl.load(COS + row * stride_cr + HALF + i).to(tl.float32)
-    sin_lo = tl.load(SIN + row * stride_cr + i).to(tl.float32)
-    sin_hi = tl.load(SIN + row * stride_cr + HALF + i).to(tl.float32)
-    new_lo = (lo * cos_lo - hi * sin_lo).to(QK.dtype.element_ty)
-    new_hi = (hi * cos_hi + lo * sin_hi).to(QK.dtype.element_ty)
+    new_lo, new_hi = _rotated(base, COS, SIN, row, stride_cr, HALF)
+    new_lo = new_lo.to(QK.dtype.element_ty)
+    new_hi = new_hi.to(QK.dtype.element_ty)
     tl.store(base + i, new_lo)
     tl.store(base + HALF + i, new_hi)
     if head >= q_heads:
