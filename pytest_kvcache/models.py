@@ -178,7 +178,8 @@ def _check_fits(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> No
     if need > 0.9 * free:
         raise KVConfigError(
             f"model {spec.name!r} needs {need / 2**30:.1f} GiB of weights but {device} has {free / 2**30:.1f} GiB free: "
-            "pick a smaller --kv-model or free memory"
+            "pick a smaller --kv-model, free memory, or split it over GPUs with vLLM "
+            "(--kv-strategy vllm:tensor_parallel_size=N)"
         )
 
 

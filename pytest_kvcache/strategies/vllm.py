@@ -27,7 +27,7 @@ class VLLM(KVStrategy):
     """kv_cache_memory_bytes: KV pool size (default: the kv_bench limit, else 64 MiB); gpu_memory_utilization:
     fraction of GPU memory instead (GPU); block_size: tokens per block (None: vLLM's default, 128 on CPU);
     max_num_seqs: requests running at once (None: the engine's max_batch); max_num_batched_tokens: tokens per
-    scheduler step."""
+    scheduler step; tensor_parallel_size: GPUs one model is split over (vLLM's tensor parallelism; GPU only)."""
 
     name = "vllm"
     engine: ClassVar[str] = "vllm"
@@ -38,12 +38,14 @@ class VLLM(KVStrategy):
     block_size: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int = 2048
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _positive_int(f"{self.name}: kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1, 2**50)
         _positive_int(f"{self.name}: block_size", self.block_size, 1, 1024)
         _positive_int(f"{self.name}: max_num_seqs", self.max_num_seqs, 1, 4096)
         _positive_int(f"{self.name}: max_num_batched_tokens", self.max_num_batched_tokens, 1, 2**20)
+        _positive_int(f"{self.name}: tensor_parallel_size", self.tensor_parallel_size, 1, 64)
         util = self.gpu_memory_utilization
         if util is not None and (isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1):
             raise KVConfigError(f"{self.name}: gpu_memory_utilization must be a fraction in (0, 1], got {util!r}")
@@ -68,6 +70,10 @@ class VLLM(KVStrategy):
             args["kv_cache_memory_bytes"] = self.kv_pool_bytes(kv_limit_bytes)
         if self.block_size is not None:
             args["block_size"] = self.block_size
+        if self.tensor_parallel_size > 1:
+            if device != "cuda":
+                raise KVConfigError(f"{self.name}: tensor_parallel_size > 1 splits the model over GPUs: needs --gpu")
+            args["tensor_parallel_size"] = self.tensor_parallel_size
         return args
 
 
