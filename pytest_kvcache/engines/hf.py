@@ -118,9 +118,16 @@ class HFEngine:
         return (f"model {self.model.name}, strategy {self.strategy.label()}, {n_slots} slots x {slot_tokens} tokens "
                 f"({need / 2**30:.2f} GiB of KV)")
 
+    def prepare(self, trace: Trace) -> None:
+        """Set up for `trace` now (cache, captured graphs, kernel tuning), so no replay of it pays for that."""
+        plan = self.plan_slots(trace)
+        self._guarded(plan, lambda: self._setup(*plan))
+
     def _setup(self, n_slots: int, slot_tokens: int, context: int) -> None:
-        """The cache (and on CUDA the captured step graphs) for this plan; reused while the plan stays the same."""
-        if self._plan == (n_slots, slot_tokens, context):
+        """The cache (and on CUDA the captured step graphs) for this plan; the current one is reused while it is at
+        least as large in every dimension (a warm-up of a trace's first requests reuses the trace's set-up)."""
+        if self._plan is not None and all(have >= need for have, need in zip(self._plan, (n_slots, slot_tokens,
+                                                                                          context))):
             self.cache.reset()
             return
         self._release()
