@@ -21,6 +21,8 @@ STRATEGIES = [
 
 
 @pytest.mark.kv_strategies(*STRATEGIES)
+@pytest.mark.kv_smoke("full", "streaming:budget=0.5", "h2o:budget=0.5", "infinigen:budget=0.5", "quantized:bits=4",
+                      "paged")
 def test_kv_memory(kv_bench, kv_model, kv_strategy, request_trace):
     trace = request_trace(model=kv_model, rate=math.inf, num_requests=8, prompt_len=384, output_len=32, seed=3)
     measurement = kv_bench(trace, kv_model, kv_strategy)
