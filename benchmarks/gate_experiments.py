@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -84,6 +86,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     orders = [rng.sample(variants, len(variants)) for _ in range(args.blocks)]
     commit = resolve(ROOT, "HEAD")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # remove the worktrees when stopped
     neighbour = busy_neighbour()
     start = time.monotonic()
     try:
@@ -91,7 +94,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
             trees = {"base": stack.enter_context(worktree(ROOT, commit, data / "tree-a")),
                      "head": stack.enter_context(worktree(ROOT, commit, data / "tree-b"))}
             server = ForkServer()
-            stack.callback(server.close)
+            stack.push(lambda kind, *_: server.close(interrupted=kind is not None))
             runner = Runner(trees, pytest_args, data / "sessions", server)
             with index.open("a") as out:
                 for block, order in enumerate(orders):
@@ -100,7 +103,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
                     for position, name in enumerate(order):
                         runner.env = {"head": variant_env(name)}
                         session = runner.session("base" if name == "A" else "head", block)
-                        record = {"block": block, "position": position, "variant": name, **compact(session)}
+                        record = {"block": block, "position": position, "variant": name,
+                                  "loadavg": os.getloadavg()[0], **compact(session)}
                         out.write(json.dumps(record) + "\n")
                         out.flush()
                     elapsed = time.monotonic() - start

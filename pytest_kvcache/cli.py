@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise KVConfigError(f"--head-env expects NAME=VALUE, got {item!r}")
         env[name] = value
     plan = Plan(pairs, max_pairs, args.step, args.order, args.seed)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up worktrees and sessions when killed
     return compare(Path.cwd(), args.base, args.head, pytest_args, plan, args.output, args.markdown, env,
                    lambda line: print(f"kvbench compare: {line}", file=sys.stderr, flush=True))
 

@@ -13,8 +13,10 @@ Exit status: 0 nothing got slower (or worse, or changed), 1 something did, 2 bad
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -170,7 +172,7 @@ class ForkServer:
     def __init__(self) -> None:
         script = Path(__file__).with_name("forkserver.py")
         self.process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True)
+                                        text=True, start_new_session=True)
         if json.loads(self.process.stdout.readline() or "{}").get("ready") is not True:
             self.close()
             raise KVConfigError(f"the compare fork server ({script}) did not start")
@@ -181,7 +183,11 @@ class ForkServer:
         self.process.stdin.flush()
         return int(json.loads(self.process.stdout.readline())["returncode"])
 
-    def close(self) -> None:
+    def close(self, interrupted: bool = False) -> None:
+        """Let the server finish, or, when the compare was interrupted, end it and the session it runs (its own
+        process group, started here)."""
+        if interrupted:
+            os.killpg(self.process.pid, signal.SIGTERM)
         self.process.stdin.close()
         self.process.wait()
 
@@ -362,7 +368,7 @@ def compare(repo: Path, base_ref: str, head_ref: str | None, pytest_args: list[s
             base_tree = stack.enter_context(worktree(repo, base_commit, out / "base-tree"))
             head_tree = stack.enter_context(worktree(repo, head_commit, out / "head-tree")) if head_commit else repo
             server = ForkServer()
-            stack.callback(server.close)
+            stack.push(lambda kind, *_: server.close(interrupted=kind is not None))
             runner = Runner({"base": base_tree, "head": head_tree}, pytest_args, out, server, {"head": head_env})
             tests = run_pairs(runner, plan, run, progress)
         _, only_base, only_head = verdicts(run, plan.alpha_per_look, plan.seed)

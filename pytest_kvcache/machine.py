@@ -143,6 +143,7 @@ class CpuPin:
     cpu: int | None = None
     fixed: bool = False
     moves: int = 0
+    futile: int = 0
     _mark: tuple[list[float], float] | None = field(default=None, repr=False)
 
     @classmethod

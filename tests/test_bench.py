@@ -88,12 +88,12 @@ def test_calibration_runs_before_the_first_round_and_after_each():
 
 def test_disturbed_rounds_are_measured_again(monkeypatch):
     """A round during which the thread waited for a CPU most of the time is repeated (up to three tries) and
-    counted; the pin is asked to move away from the busy CPU."""
+    counted; the pin is asked to move away from the busy CPU. Without a pin nothing is repeated."""
     delays = iter([0.0, 0.9, 0.9, 0.9])  # schedstat readings: attempt 1 waited 0.9 s (its wall: ms), attempt 2 none
     monkeypatch.setattr(bench_module, "run_delay_s", lambda: next(delays))
 
     class Pin:
-        cpu, moves = 0, 0
+        cpu, moves, futile = 0, 0, 0
 
         def mark(self):
             pass
@@ -109,3 +109,25 @@ def test_disturbed_rounds_are_measured_again(monkeypatch):
     assert (bench.disturbed, pin.moves, len(bench.rounds)) == (1, 1, 1)
     info = bench.info()
     assert info["cpus"] == [1] and info["still_disturbed"] == 0 and info["disturbed_rounds_repeated"] == 1
+
+
+def test_retries_stop_when_no_cpu_is_quiet(monkeypatch):
+    """Every attempt disturbed: after FUTILE_RETRIES retries in a row the rounds are kept as measured."""
+    monkeypatch.setattr(bench_module, "run_delay_s", iter(float(i) for i in range(100)).__next__)
+
+    class Pin:
+        cpu, moves, futile = 0, 0, 0
+
+        def mark(self):
+            pass
+
+        def move_away(self):
+            self.moves += 1
+
+    pin = Pin()
+    trace = synthetic(TraceSpec(num_requests=1, prompt_len=4, output_len=2))
+    bench = Bench(ScriptedEngine([result([0.1], 0)] * 10), trace, pin=pin)
+    for _ in range(3):
+        bench.run_round()
+    assert (len(bench.rounds), pin.moves, pin.futile) == (3, bench_module.FUTILE_RETRIES, bench_module.FUTILE_RETRIES)
+    assert bench.info()["still_disturbed"] == 3
