@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -63,6 +65,34 @@ def busy_neighbour() -> subprocess.Popen:
     return subprocess.Popen(["python3", "-c", "while True: pass"])
 
 
+def busy_seconds() -> float:
+    """CPU seconds all CPUs have spent busy since boot."""
+    return sum(t.user + t.system + t.nice + t.irq + t.softirq for t in psutil.cpu_times(percpu=True))
+
+
+def own_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def foreign_cores(neighbour: psutil.Process, seconds: float = 3.0) -> float:
+    """CPUs kept busy by processes other than the experiment's neighbour, over a short look."""
+    busy, own = busy_seconds(), own_seconds(neighbour)
+    time.sleep(seconds)
+    return (busy_seconds() - busy - (own_seconds(neighbour) - own)) / seconds
+
+
+def wait_until_quiet(neighbour: psutil.Process, limit: float, max_wait_s: float) -> tuple[float, float]:
+    """Hold the next block while other processes (not ours) keep more than `limit` CPUs busy, for at most
+    `max_wait_s`: the experiment's condition is one busy neighbour, not three. Returns (waited s, last foreign)."""
+    start = time.monotonic()
+    while True:
+        foreign = foreign_cores(neighbour)
+        if foreign <= limit or time.monotonic() - start >= max_wait_s:
+            return time.monotonic() - start, foreign
+        time.sleep(7)
+
+
 def compact(session) -> dict:
     """What analysis needs from a session: per test, the configuration hash and every metric's samples."""
     tests = {}
@@ -88,6 +118,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     commit = resolve(ROOT, "HEAD")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # remove the worktrees when stopped
     neighbour = busy_neighbour()
+    watched = psutil.Process(neighbour.pid)
     start = time.monotonic()
     try:
         with ExitStack() as stack:
@@ -100,10 +131,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
                 for block, order in enumerate(orders):
                     if block in complete:
                         continue
+                    waited, before = wait_until_quiet(watched, args.quiet_below, args.max_wait)
                     for position, name in enumerate(order):
                         runner.env = {"head": variant_env(name)}
+                        busy, own = busy_seconds(), own_seconds(watched)
                         session = runner.session("base" if name == "A" else "head", block)
-                        record = {"block": block, "position": position, "variant": name,
+                        foreign = busy_seconds() - busy - (own_seconds(watched) - own) - session.cpu_s
+                        record = {"block": block, "position": position, "variant": name, "waited_s": round(waited),
+                                  "foreign_before": round(before, 2),
+                                  "foreign_cores": round(max(foreign, 0.0) / session.seconds, 3),
                                   "loadavg": os.getloadavg()[0], **compact(session)}
                         out.write(json.dumps(record) + "\n")
                         out.flush()
@@ -259,15 +295,22 @@ def cmd_timed(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "pytest_kvcache.cli", "compare", "HEAD", "HEAD", "--output", str(out / "run"),
                "--markdown", str(out / "compare.md"), "--head-env", f"{VARIABLE}={args.slowdown}", "--", *pytest_args]
     neighbour = busy_neighbour()
+    watched = psutil.Process(neighbour.pid)
+    busy, own = busy_seconds(), own_seconds(watched)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     try:
         code = subprocess.run(command, cwd=ROOT, check=False).returncode
+        seconds = time.monotonic() - start
+        done = resource.getrusage(resource.RUSAGE_CHILDREN)
+        compare_cpu = done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime
+        foreign = (busy_seconds() - busy - (own_seconds(watched) - own) - compare_cpu) / seconds
     finally:
         neighbour.kill()
         neighbour.wait()
-    seconds = time.monotonic() - start
     summary = json.loads((out / "run" / "compare.json").read_text())
     record = {"command": " ".join(command[1:]), "exit": code, "wall_s": round(seconds, 1),
+              "foreign_cores": round(max(foreign, 0.0), 2),
               "pairs": len(summary["orders"]), "verdicts": {t["test_id"]: t["verdict"] for t in summary["tests"]}}
     (out / "timed.json").write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
@@ -287,6 +330,9 @@ def main() -> int:
     collect.add_argument("--blocks", type=int, required=True)
     collect.add_argument("--variants", default="A,B,S05,S10,S20")
     collect.add_argument("--seed", type=int, default=0)
+    collect.add_argument("--quiet-below", type=float, default=0.3,
+                         help="start a block only when others keep fewer CPUs busy than this (default: 0.3)")
+    collect.add_argument("--max-wait", type=float, default=900, help="longest wait for that, seconds (default: 900)")
     collect.set_defaults(func=cmd_collect)
     analyze = sub.add_parser("analyze")
     analyze.add_argument("data", nargs="+")

@@ -14,7 +14,14 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from pytest_kvcache.gate import config_differences
-from pytest_kvcache.results import BaselineFile, FormatError, Measurement, read_baselines, write_json_atomic
+from pytest_kvcache.results import (
+    BaselineFile,
+    FormatError,
+    Measurement,
+    OlderFormat,
+    read_baselines,
+    write_json_atomic,
+)
 
 LOCK_TIMEOUT_S = 120
 
@@ -27,6 +34,7 @@ class UpdateReport:
     written: list[str] = field(default_factory=list)
     replaced_unreadable: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
+    older_format: str | None = None
 
 
 class BaselineStore:
@@ -65,13 +73,18 @@ class BaselineStore:
     def update(self, suite: str, measurements: list[Measurement], machine: dict, replace: bool = False) -> UpdateReport:
         """Merge measurements into the file as it is on disk now (other tests' entries are kept), atomically.
 
-        An entry of another configuration is kept unless `replace`; an entry that cannot be read is replaced."""
+        An entry of another configuration is kept unless `replace`; an entry that cannot be read is replaced, and so
+        is a file of an older format (its entries cannot be read by this version)."""
         path = self.path(suite)
         path.parent.mkdir(parents=True, exist_ok=True)
         report = UpdateReport(path)
         try:
             with FileLock(path.parent / f".{path.name}.lock", timeout=LOCK_TIMEOUT_S):
-                current = read_baselines(path)
+                try:
+                    current = read_baselines(path)
+                except OlderFormat as e:  # nothing in it can be read: this recording replaces it
+                    report.older_format = str(e)
+                    current = BaselineFile(path, {}, {})
                 unreadable = current.problems(suite)
                 for m in measurements:
                     old = current.entries.get(m.test_id)

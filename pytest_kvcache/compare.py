@@ -47,7 +47,7 @@ from pytest_kvcache.results import (
 )
 from pytest_kvcache.stats import ALPHA, min_pairs
 
-SMOKE_ARGS = ["suites/", "-m", "smoke"]
+SMOKE_ARGS = ["suites/", "-m", "smoke", "--kv-rounds", "1"]  # a session is the sample: one round each
 SLOWER, FASTER, SAME, CHANGED, WORSE, BETTER = "slower", "faster", "same", "changed", "worse", "better"
 FAILING = (SLOWER, CHANGED, WORSE)
 TEST_ORDER = (NOT_COMPARABLE, SLOWER, CHANGED, WORSE, FASTER, BETTER, UNKNOWN, SAME)
@@ -96,6 +96,7 @@ class Session:
     returncode: int
     seconds: float
     log: Path
+    cpu_s: float = 0.0
 
 
 @dataclass
@@ -177,11 +178,13 @@ class ForkServer:
             self.close()
             raise KVConfigError(f"the compare fork server ({script}) did not start")
 
-    def run(self, tree: Path, args: list[str], env: dict[str, str], log: Path) -> int:
+    def run(self, tree: Path, args: list[str], env: dict[str, str], log: Path) -> tuple[int, float]:
+        """One session: (pytest's exit status, the session's CPU seconds)."""
         request = {"tree": str(tree), "args": args, "env": env, "log": str(log)}
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
-        return int(json.loads(self.process.stdout.readline())["returncode"])
+        answer = json.loads(self.process.stdout.readline())
+        return int(answer["returncode"]), float(answer["cpu_s"])
 
     def close(self, interrupted: bool = False) -> None:
         """Let the server finish, or, when the compare was interrupted, end it and the session it runs (its own
@@ -213,13 +216,13 @@ class Runner:
         folder = self.out / f"pair{pair:03d}-{side}"
         log = self.out / f"pair{pair:03d}-{side}.log"
         start = time.monotonic()
-        code = self.server.run(tree, self.args(folder), self.env.get(side, {}), log)
+        code, cpu = self.server.run(tree, self.args(folder), self.env.get(side, {}), log)
         seconds = time.monotonic() - start
         try:
             results = load_results(folder) if (folder / "latest.json").exists() else None
         except FormatError as e:
             raise KVConfigError(f"{side} ({tree}) writes results this version cannot read: {e}") from None
-        return Session(side, pair, results, code, seconds, log)
+        return Session(side, pair, results, code, seconds, log, cpu)
 
 
 def _tail(log: Path, lines: int = 5) -> str:
@@ -346,7 +349,7 @@ def summary_json(run: Run, tests: list[Judgement], plan: Plan) -> dict:
                  "seed": plan.seed, "alpha": plan.alpha, "looks": plan.looks},
         "orders": run.orders,
         "sessions": [{"side": s.side, "pair": s.pair, "returncode": s.returncode, "seconds": round(s.seconds, 2),
-                      "log": s.log.name} for s in run.sessions],
+                      "cpu_s": round(s.cpu_s, 2), "log": s.log.name} for s in run.sessions],
         "tests": [{"test_id": t.test_id, "verdict": t.word, "pairs": t.pairs,
                    "metrics": {v.metric: {"verdict": word(v), "change": v.change, "low": v.low, "high": v.high,
                                           "detail": v.detail} for v in t.verdicts}} for t in tests],

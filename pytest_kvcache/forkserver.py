@@ -6,7 +6,7 @@ its own tree first on sys.path (and in PYTHONPATH for its subprocesses), runs th
 suites. Base and head sessions fork from this one parent, so whatever they share is shared by both sides alike.
 
 Protocol: one JSON request per line on stdin, {"tree", "args", "env", "log"}; one JSON line back per session,
-{"returncode"}.
+{"returncode", "cpu_s"} (the session's CPU time, from its rusage).
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def serve() -> None:
         pid = os.fork()
         if pid == 0:
             _child(request["tree"], request["args"], request["env"], request["log"])
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+        _, status, usage = os.wait4(pid, 0)
+        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status), "cpu_s": usage.ru_utime + usage.ru_stime}),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pytest_kvcache.report import failure_message, not_comparable_advice, summar
 from pytest_kvcache.results import (
     FormatError,
     Measurement,
+    OlderFormat,
     Outcome,
     Results,
     outcome_from_json,
@@ -168,6 +169,7 @@ class KVSession:
     pin: object | None = None
     started: bool = False
     unreadable: dict[tuple[str, str], str] = field(default_factory=dict)
+    older_files: list[str] = field(default_factory=list)
 
     @property
     def updating(self) -> bool:
@@ -237,7 +239,8 @@ class KVSession:
 
         thresholds = self.thresholds(item)
         key = (measurement.suite, measurement.test_id)
-        baseline = None if key in self.unreadable else self.store.get(*key)
+        readable = key not in self.unreadable and measurement.suite not in self.older_files
+        baseline = self.store.get(*key) if readable else None
         verdicts = gate(baseline, measurement, thresholds, self.session_sd)
         outcome = Outcome(item.nodeid, measurement, verdicts, thresholds, updated=self.updating)
         self.outcomes.append(outcome)
@@ -355,6 +358,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Check the baselines of the suites about to run before any test does: one line, exit 4, nothing written.
     With --kv-update-baselines unreadable entries are noted and replaced by their tests' new numbers."""
     kv = kv_session(session.config)
+    if session.config.option.collectonly:
+        return
     suites = sorted({Path(str(item.path)).stem for item in session.items
                      if any(f in getattr(item, "fixturenames", ()) for f in KV_FIXTURES)})
     problems = kv.store.problems(suites)
@@ -365,8 +370,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         try:
             for test_id, reason in kv.store.unreadable(suite).items():
                 kv.unreadable[(suite, test_id)] = reason
+        except OlderFormat as e:
+            if not kv.updating:
+                fatal.append(str(e))
+            kv.older_files.append(suite)
         except FormatError as e:
             fatal.append(str(e))
+    if not fatal and kv.updating and not kv.unreadable:
+        return
     if fatal or not kv.updating:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         first = (fatal or problems)[0]
@@ -475,6 +486,9 @@ def _update_baselines(kv: KVSession) -> None:
             kv.warnings.append(f"baselines updated: {report.path} ({len(report.written)} tests)")
         for test_id in report.replaced_unreadable:
             kv.warnings.append(f"replaced unreadable baseline {test_id} in {report.path}")
+        if report.older_format:
+            kv.warnings.append(f"{report.path} was written in an older format: it now holds the "
+                               f"{len(report.written)} tests of this run only")
         for test_id, diff in report.refused.items():
             kv.warnings.append(f"baseline {test_id} in {report.path} NOT updated: it was recorded with another "
                                f"configuration ({diff}); run with the suite's default options, or add "

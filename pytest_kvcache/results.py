@@ -39,6 +39,10 @@ class FormatError(KVConfigError):
     """A results or baseline file this version cannot use; the message names the file and what to do."""
 
 
+class OlderFormat(FormatError):
+    """A file written by an older version: readable by nothing here, replaceable by a new recording."""
+
+
 def config_hash(config: dict) -> str:
     """Short stable hash of a measurement configuration (canonical JSON), the key of 'not comparable'."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
@@ -267,8 +271,9 @@ def _check_format(data: object, kind: str, where: str) -> dict:
         advice = ("written by an older pytest-kvcache: re-record it with `pytest suites/ --kv-update-baselines`"
                   if kind == "baselines" else "written by an older pytest-kvcache: rerun the suite with this version"
                   ) if older else "upgrade pytest-kvcache to read it"
-        raise FormatError(f"{where} is a format-{version!r} {data.get('kind', kind)} file; this version reads "
-                          f"format {FORMAT} {kind} files: {advice}")
+        error = OlderFormat if older and data.get("kind", kind) == kind else FormatError
+        raise error(f"{where} is a format-{version!r} {data.get('kind', kind)} file; this version reads "
+                    f"format {FORMAT} {kind} files: {advice}")
     bad = _non_finite(data)
     if bad:
         raise FormatError(f"{where} holds NaN or infinity at {bad}, which is not a number: restore the file or "

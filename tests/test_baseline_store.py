@@ -220,3 +220,15 @@ def test_interrupted_write_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"old": True}
     assert leftovers(tmp_path) == []
+
+
+def test_a_file_of_an_older_format_is_replaced_by_an_update(tmp_path):
+    """Format-1 baselines cannot be read by this version; recording anew replaces the whole file, and says so."""
+    path = tmp_path / "cpu-test" / "test_suite.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"format": 1, "machine": {}, "entries": {"old": {"metrics": {}}}}))
+    with pytest.raises(results.OlderFormat):
+        BaselineStore(tmp_path, "cpu-test").get("test_suite", "old")
+    report = BaselineStore(tmp_path, "cpu-test").update("test_suite", [measurement("test_a")], MACHINE)
+    assert report.written == ["test_a"] and "format-1 baselines file" in report.older_format
+    assert sorted(json.loads(path.read_text())["entries"]) == ["test_a"]
