@@ -99,6 +99,7 @@ def compact(session) -> dict:
     for o in session.results.outcomes if session.results else []:
         m = o.measurement
         tests[m.test_id] = {"config_hash": m.config_hash, "thresholds": o.thresholds, "metrics": m.metrics,
+                            "calibration_s": m.calibration_s, "calibration_points_s": m.info.get("calibration_points_s"),
                             "cpus": m.info.get("cpus"), "repeated": m.info.get("disturbed_rounds_repeated")}
     return {"returncode": session.returncode, "seconds": round(session.seconds, 2), "tests": tests}
 
@@ -131,6 +132,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
                 for block, order in enumerate(orders):
                     if block in complete:
                         continue
+                    while (data / "pause").exists():  # `touch DATA/pause` holds the run between blocks
+                        time.sleep(10)
                     waited, before = wait_until_quiet(watched, args.quiet_below, args.max_wait)
                     for position, name in enumerate(order):
                         runner.env = {"head": variant_env(name)}
