@@ -34,6 +34,19 @@ def result(ttfts, evicted, duration=1.0, gaps=(0.01,)):
     return RunResult(records, duration, counters)
 
 
+class FakePin:
+    """Stands in for machine.CpuPin: counts moves; a move goes to CPU 1."""
+
+    cpu, moves, futile = 0, 0, 0
+
+    def mark(self):
+        pass
+
+    def move_away(self):
+        self.moves += 1
+        self.cpu = 1
+
+
 def test_warmup_replays_the_head_at_time_zero():
     """Warm-up runs at most four requests, all arriving at once, and is not a sample."""
     trace = synthetic(TraceSpec(num_requests=6, rate=2.0, prompt_len=4, output_len=2))
@@ -92,17 +105,7 @@ def test_disturbed_rounds_are_measured_again(monkeypatch):
     delays = iter([0.0, 0.9, 0.9, 0.9])  # schedstat readings: attempt 1 waited 0.9 s (its wall: ms), attempt 2 none
     monkeypatch.setattr(bench_module, "run_delay_s", lambda: next(delays))
 
-    class Pin:
-        cpu, moves, futile = 0, 0, 0
-
-        def mark(self):
-            pass
-
-        def move_away(self):
-            self.moves += 1
-            self.cpu = 1
-
-    pin = Pin()
+    pin = FakePin()
     trace = synthetic(TraceSpec(num_requests=1, prompt_len=4, output_len=2))
     bench = Bench(ScriptedEngine([result([0.1], 0), result([0.1], 0)]), trace, pin=pin)
     bench.run_round()
@@ -115,16 +118,7 @@ def test_retries_stop_when_no_cpu_is_quiet(monkeypatch):
     """Every attempt disturbed: after FUTILE_RETRIES retries in a row the rounds are kept as measured."""
     monkeypatch.setattr(bench_module, "run_delay_s", iter(float(i) for i in range(100)).__next__)
 
-    class Pin:
-        cpu, moves, futile = 0, 0, 0
-
-        def mark(self):
-            pass
-
-        def move_away(self):
-            self.moves += 1
-
-    pin = Pin()
+    pin = FakePin()
     trace = synthetic(TraceSpec(num_requests=1, prompt_len=4, output_len=2))
     bench = Bench(ScriptedEngine([result([0.1], 0)] * 10), trace, pin=pin)
     for _ in range(3):
