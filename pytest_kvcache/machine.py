@@ -146,10 +146,6 @@ class CpuPin:
     futile: int = 0
     _mark: tuple[list[float], float] | None = field(default=None, repr=False)
 
-    @classmethod
-    def available(cls) -> list[int]:
-        return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-
     def pin(self, cpu: int | None = None) -> int | None:
         """Pin to `cpu`, or to the idlest allowed CPU over a 0.2 s look; returns the CPU (None: cannot pin)."""
         if not self.allowed or not hasattr(os, "sched_setaffinity"):

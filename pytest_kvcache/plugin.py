@@ -170,6 +170,8 @@ class KVSession:
     started: bool = False
     unreadable: dict[tuple[str, str], str] = field(default_factory=dict)
     older_files: list[str] = field(default_factory=list)
+    cpus_allowed: list[int] = field(default_factory=lambda: sorted(os.sched_getaffinity(0))
+                                    if hasattr(os, "sched_getaffinity") else [])
 
     @property
     def updating(self) -> bool:
@@ -182,8 +184,7 @@ class KVSession:
     @property
     def shared_cores(self) -> bool:
         """xdist workers that contend for the CPUs: their timings are not baselines."""
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return self.workers > 1 and self.workers >= cpus
+        return self.workers > 1 and self.workers >= (len(self.cpus_allowed) or os.cpu_count() or 1)
 
     def start(self) -> None:
         """First kv fixture: torch threads, never at import or for sessions without kv tests."""
@@ -205,7 +206,7 @@ class KVSession:
             return
         from pytest_kvcache.machine import CpuPin
 
-        allowed = CpuPin.available()
+        allowed = self.cpus_allowed
         if isinstance(choice, int):
             self.pin = CpuPin(allowed, fixed=True)
             self.pin.pin(choice)
@@ -419,7 +420,7 @@ def _session_facts(kv: KVSession) -> dict:
         "session_sd": kv.session_sd,
         "rounds": kv.config.getoption("kv_rounds"),
         "cpu_option": str(kv.config.getoption("kv_cpu")),
-        "cpus_allowed": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpus_allowed": kv.cpus_allowed,
     }
 
 
@@ -473,7 +474,7 @@ def _update_baselines(kv: KVSession) -> None:
             m = _without_timing(o.measurement) if kv.shared_cores else o.measurement
             by_suite.setdefault(m.suite, []).append(m)
     if kv.shared_cores and by_suite:
-        kv.warnings.append(f"{kv.workers} xdist workers share {len(os.sched_getaffinity(0))} CPUs: their timings "
+        kv.warnings.append(f"{kv.workers} xdist workers share {len(kv.cpus_allowed)} CPUs: their timings "
                            "contend, so time and rate metrics were NOT recorded as baselines; record those without -n")
     replace = kv.config.getoption("kv_replace_baselines")
     for suite, measurements in sorted(by_suite.items()):
