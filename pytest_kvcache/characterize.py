@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from pytest_kvcache.baselines import Measurement
+from pytest_kvcache.results import Measurement
 from pytest_kvcache.strategies import parse_strategy
 
 

@@ -1,80 +1,69 @@
-"""`kvbench`: inspect results, diff them against baselines of any branch, and make or check trace files.
+"""`kvbench`: compare two trees, diff results against the baselines of any branch, report, make or check traces.
 
-Exit status: 0 ok, 1 at least one regression (diff), 2 bad input (missing/corrupt file, unknown ref).
+Exit status: 0 ok, 1 at least one regression (diff, compare), 2 bad input (a missing or unusable file, an unknown
+ref): one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from pytest_kvcache.baselines import REGRESSED, BaselineError, Measurement, compare
 from pytest_kvcache.errors import KVConfigError
-from pytest_kvcache.report import Outcome, changes_table, tables
+from pytest_kvcache.results import Outcome, load_results, parse_baselines
 from pytest_kvcache.traces import TraceSpec, load_jsonl, save_jsonl, synthetic
 
-
-def _load_results(path: Path) -> dict:
-    if path.is_dir():
-        path = path / "latest.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise KVConfigError(f"no results at {path}: run `pytest suites/` first (it writes results/latest.json)") from None
-    except json.JSONDecodeError as e:
-        raise KVConfigError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-    if data.get("format") != 1:
-        raise KVConfigError(f"{path} is not a pytest-kvcache results file of format 1")
-    return data
+SMOKE_PAIRS = (12, 20)  # initial and most pairs of a smoke compare (benchmarks/results/power.md)
+THOROUGH = (40, 80)  # --thorough: enough pairs for 80% power at a 5% slowdown (benchmarks/results/power.md)
 
 
-def _measurements(results: dict) -> list[tuple[str, Measurement]]:
-    return [
-        (o["nodeid"], Measurement.from_entry(o["test_id"], o["suite"], o["entry"], results["machine"]))
-        for o in results["outcomes"]
-    ]
-
-
-def _baseline_text(ref: str, machine_id: str, suite: str, baselines: str) -> str | None:
-    """A suite's baseline file from a folder, or from a git ref (`main`, `origin/main`, a commit)."""
+def _baseline_text(ref: str, machine_id: str, suite: str, baselines: str) -> tuple[str | None, str]:
+    """(a suite's baseline file text, where it came from), from a folder or a git ref (`main`, a commit)."""
     folder = Path(ref)
     if folder.is_dir():
         path = folder / machine_id / f"{suite}.json"
-        return path.read_text() if path.exists() else None
+        return (path.read_text() if path.exists() else None), str(path)
     spec = f"{ref}:{baselines}/{machine_id}/{suite}.json"
-    shown = subprocess.run(["git", "show", spec], capture_output=True, text=True)
+    shown = subprocess.run(["git", "show", spec], capture_output=True, text=True, check=False)
     if shown.returncode == 0:
-        return shown.stdout
-    check = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], capture_output=True)
+        return shown.stdout, spec
+    check = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], capture_output=True, check=False)
     if check.returncode != 0:
         raise KVConfigError(f"{ref!r} is neither a folder nor a git ref in this repository")
-    return None
+    return None, spec
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    results = _load_results(Path(args.results))
-    machine_id = results["machine_id"]
-    cache: dict[str, dict] = {}
+    """The pytest gate's verdicts, recomputed from a results file against the baselines of a ref or folder."""
+    from pytest_kvcache.gate import SESSION_SD, gate
+    from pytest_kvcache.report import summary_text
+    from pytest_kvcache.results import REGRESSED
+
+    results = load_results(Path(args.results))
+    session_sd = float(results.session.get("session_sd", SESSION_SD))
+    files = {}
     outcomes = []
-    for nodeid, current in _measurements(results):
-        if current.suite not in cache:
-            text = _baseline_text(args.ref, machine_id, current.suite, args.baselines)
-            try:
-                cache[current.suite] = json.loads(text) if text else {"entries": {}, "machine": {}}
-            except json.JSONDecodeError as e:
-                raise BaselineError(f"baseline {current.suite}.json at {args.ref} is corrupt ({e.msg})") from None
-        data = cache[current.suite]
-        entry = data["entries"].get(current.test_id)
-        baseline = Measurement.from_entry(current.test_id, current.suite, entry, data.get("machine", {})) if entry else None
-        outcomes.append(Outcome(current, compare(baseline, current), nodeid))
+    for o in results.outcomes:
+        m = o.measurement
+        if o.error is not None:
+            outcomes.append(o)
+            continue
+        if m.suite not in files:
+            text, where = _baseline_text(args.ref, results.machine_id, m.suite, args.baselines)
+            files[m.suite] = parse_baselines(text, Path(where), f"baseline {where}")
+        baseline = files[m.suite].measurement(m.test_id, m.suite)
+        outcomes.append(Outcome(o.nodeid, m, gate(baseline, m, o.thresholds, session_sd), o.thresholds))
+    if not any(f.entries for f in files.values()):
+        raise KVConfigError(f"no baselines for machine {results.machine_id} at {args.ref}: nothing to compare "
+                            "against (record them with --kv-update-baselines and commit them)")
     fmt = "github" if args.format == "markdown" else "simple"
-    print(f"### KV-cache benchmarks: {args.results} vs {args.ref} ({machine_id})\n")
-    print(tables(outcomes, fmt))
-    changes = changes_table(outcomes, fmt)
+    table, changes = summary_text(outcomes, fmt)
+    print(f"### KV-cache benchmarks: {args.results} vs {args.ref} ({results.machine_id})\n")
+    print(table)
     if changes:
         print("\n#### Changed metrics\n")
         print(changes)
@@ -84,15 +73,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    results = _load_results(Path(args.results))
-    from pytest_kvcache.baselines import Verdict
+    from pytest_kvcache.report import tables
 
-    outcomes = [
-        Outcome(m, [Verdict(**v) for v in o["verdicts"]], nodeid, o.get("updated", False))
-        for (nodeid, m), o in zip(_measurements(results), results["outcomes"])
-    ]
-    print(f"{results['created']} on {results['machine_id']} ({results['machine'].get('cpu')})")
-    print(tables(outcomes))
+    results = load_results(Path(args.results))
+    print(f"{results.created} on {results.machine_id} ({results.machine.get('cpu')})")
+    print(tables(results.outcomes))
     return 0
 
 
@@ -101,10 +86,33 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     measurements = []
     for source in args.results:
-        measurements += [m for _, m in _measurements(_load_results(Path(source)))]
+        measurements += [o.measurement for o in load_results(Path(source)).outcomes if o.measurement.metrics]
     path = write_report(measurements, Path(args.output), ", ".join(args.results))
     print(f"wrote {path} ({len(measurements)} measurements)")
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pytest_kvcache.compare import SMOKE_ARGS, Plan, compare
+
+    pytest_args = list(args.pytest_args) or list(SMOKE_ARGS)
+    if args.gpu and "--gpu" not in pytest_args:
+        pytest_args.append("--gpu")
+    pairs, max_pairs = (args.pairs, args.max_pairs)
+    if args.thorough:
+        pairs, max_pairs = max(pairs, THOROUGH[0]), max(max_pairs, THOROUGH[1])
+    if max_pairs < pairs:
+        raise KVConfigError(f"--max-pairs {max_pairs} is below --pairs {pairs}")
+    env = {}
+    for item in args.head_env:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise KVConfigError(f"--head-env expects NAME=VALUE, got {item!r}")
+        env[name] = value
+    plan = Plan(pairs, max_pairs, args.step, args.order, args.seed)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up worktrees and sessions when killed
+    return compare(Path.cwd(), args.base, args.head, pytest_args, plan, args.output, args.markdown, env,
+                   lambda line: print(f"kvbench compare: {line}", file=sys.stderr, flush=True))
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -124,9 +132,38 @@ def cmd_check_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    comp = sub.add_parser("compare", help="measure BASE and HEAD (default: the working tree) in alternating sessions "
+                                          "on this machine; exit 1 if a test got slower",
+                          description="extra pytest arguments go after `--` (default: suites/ -m smoke)")
+    comp.add_argument("base", help="git ref to compare against (main, origin/main, a commit)")
+    comp.add_argument("head", nargs="?", default=None, help="git ref to measure (default: the working tree)")
+    comp.add_argument("--pairs", type=_positive, default=SMOKE_PAIRS[0],
+                      help=f"pairs of sessions before the first verdict (default: {SMOKE_PAIRS[0]})")
+    comp.add_argument("--max-pairs", type=_positive, default=SMOKE_PAIRS[1],
+                      help=f"pairs to add up to while a test is unknown (default: {SMOKE_PAIRS[1]})")
+    comp.add_argument("--step", type=_positive, default=4, help="pairs added per look (default: 4)")
+    comp.add_argument("--thorough", action="store_true",
+                      help=f"at least {THOROUGH[0]} pairs, up to {THOROUGH[1]}: finds 5%% slowdowns (default: off)")
+    comp.add_argument("--order", choices=["random", "abba"], default="random",
+                      help="order of the two sessions in each pair (default: random, drawn from --seed)")
+    comp.add_argument("--seed", type=int, default=0, help="seed of the session order (default: 0)")
+    comp.add_argument("--gpu", action="store_true", help="pass --gpu to both sides' pytest (default: off)")
+    comp.add_argument("--markdown", type=Path, default=None,
+                      help="append the markdown report to this file, e.g. $GITHUB_STEP_SUMMARY (default: none)")
+    comp.add_argument("--output", type=Path, default=None,
+                      help="keep every session's results, logs and compare.json here (default: a temporary folder)")
+    comp.add_argument("--head-env", action="append", default=[], metavar="NAME=VALUE",
+                      help="environment variable for HEAD sessions only, e.g. to plant a slowdown in a benchmark")
+    comp.set_defaults(func=cmd_compare)
     diff = sub.add_parser("diff", help="compare a results file with the baselines of a git ref or folder; exit 1 on regression")
     diff.add_argument("ref", help="git ref (main, origin/main, a commit) or a baselines folder")
     diff.add_argument("--results", default="results", help="results file or folder holding latest.json (default: results)")
@@ -161,7 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    extra: list[str] = []
+    if argv[:1] == ["compare"] and "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return 2 if e.code else 0
+    if args.command == "compare":
+        args.pytest_args = extra
     try:
         return args.func(args)
     except KVConfigError as e:

@@ -1,24 +1,27 @@
-"""Fixtures suites use: kv_model, kv_strategy, request_trace, memory_watcher and kv_bench."""
+"""Fixtures suites use: kv_model, kv_strategy, request_trace, memory_watcher, kv_bench and kv_quality.
+
+Heavy modules (torch, transformers, the engines) are imported when a fixture first runs, not with this module.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
 
-from pytest_kvcache.baselines import Measurement, representative
-from pytest_kvcache.bench import Bench
-from pytest_kvcache.engines import engine_class
-from pytest_kvcache.errors import KVMissingPackage
-from pytest_kvcache.memory import MemoryWatcher
+from pytest_kvcache.errors import KVMissingPackage, KVOutOfMemory
 from pytest_kvcache.metrics import SLO
-from pytest_kvcache.models import LoadedModel, load_model
 from pytest_kvcache.plugin import kv_session
-from pytest_kvcache.strategies import parse_strategy
-from pytest_kvcache.strategies.base import KVStrategy
+from pytest_kvcache.results import OUT_OF_MEMORY, Measurement, representative
 from pytest_kvcache.traces import Trace, TraceSpec, load_jsonl, synthetic
+
+if TYPE_CHECKING:
+    from pytest_kvcache.models import LoadedModel
+    from pytest_kvcache.strategies.base import KVStrategy
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +32,14 @@ def _kv_models(pytestconfig: pytest.Config) -> dict:
 @pytest.fixture
 def kv_model(request: pytest.FixtureRequest, _kv_models: dict) -> LoadedModel:
     """A loaded model, once per session per name: `tiny` (random Llama) by default, see --kv-model."""
+    from pytest_kvcache.models import load_model
+
+    session = kv_session(request.config)
+    session.start()
     name = getattr(request, "param", None) or (request.config.getoption("kv_model") or ["tiny"])[0]
     if name not in _kv_models:
         try:
-            _kv_models[name] = load_model(name, kv_session(request.config).device)
+            _kv_models[name] = load_model(name, session.device)
         except KVMissingPackage as missing:
             pytest.skip(str(missing))
     return _kv_models[name]
@@ -41,6 +48,8 @@ def kv_model(request: pytest.FixtureRequest, _kv_models: dict) -> LoadedModel:
 @pytest.fixture
 def kv_strategy(request: pytest.FixtureRequest) -> KVStrategy:
     """The strategy under test, parsed from its spec (`full`, `streaming:budget=0.5,sinks=4`, ...)."""
+    from pytest_kvcache.strategies import parse_strategy
+
     return parse_strategy(getattr(request, "param", "full"))
 
 
@@ -64,12 +73,29 @@ def request_trace(pytestconfig: pytest.Config):
 @pytest.fixture
 def memory_watcher(pytestconfig: pytest.Config):
     """Factory: `with memory_watcher() as w: ...` then `w.report` (RSS on CPU; pynvml + allocator on GPU)."""
+    from pytest_kvcache.memory import MemoryWatcher
+
     device = kv_session(pytestconfig).device
 
     def make(interval_s: float = 0.01) -> MemoryWatcher:
         return MemoryWatcher(device, interval_s)
 
     return make
+
+
+def trace_identity(trace: Trace) -> dict:
+    """What makes two traces the same workload: the generator spec (if any) and a hash of every request."""
+    digest = hashlib.sha256()
+    for r in trace.requests:
+        digest.update(json.dumps([r.id, r.arrival_s, list(r.prompt_ids), r.max_new_tokens]).encode())
+    spec = None
+    if trace.spec is not None:  # strict JSON has no infinity: rate=inf (all at t=0) is written "inf"
+        spec = {k: ("inf" if v == math.inf else v) for k, v in trace.describe().items() if k != "source"}
+    return {"spec": spec, "requests": len(trace), "sha256": digest.hexdigest()[:16]}
+
+
+def _node(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.node.name, Path(str(request.node.path)).stem
 
 
 class KVBench:
@@ -79,9 +105,13 @@ class KVBench:
         self.request = request
         self.benchmark = benchmark
         self.session = kv_session(request.config)
+        self.session.start()
+        self.session.pin_cpu()
 
-    def _engine(self, model: LoadedModel, strategy: KVStrategy, max_batch: int, kv_limit_bytes: int | None):
+    def _engine_class(self, strategy: KVStrategy) -> type:
         """The strategy's engine from the registry (skipped, with the reason, where vLLM is unusable)."""
+        from pytest_kvcache.engines import engine_class
+
         if strategy.engine == "vllm":
             from pytest_kvcache.engines import vllm
 
@@ -89,40 +119,67 @@ class KVBench:
                 pytest.skip(vllm.INSTALL_HINT)
             if getattr(strategy, "gpu_only", False) and self.session.device != "cuda":
                 pytest.skip(f"{strategy.name} offloads GPU KV to host memory: needs --gpu on a CUDA machine")
-        return engine_class(strategy.engine)(model, strategy, max_batch=max_batch, kv_limit_bytes=kv_limit_bytes)
+        return engine_class(strategy.engine)
+
+    def configuration(self, engine: str, trace: Trace, model: LoadedModel, strategy: KVStrategy, max_batch: int,
+                      kv_limit_bytes: int | None, slo: SLO, extra: dict | None) -> dict:
+        """What a measurement is comparable on: its hash decides 'not comparable'."""
+        import torch
+
+        return {
+            "engine": engine,
+            "device": self.session.device,
+            "model": model.name,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
+            "workers": self.session.workers,
+            "rounds": self.request.config.getoption("kv_rounds"),
+            "strategy": strategy.label(),
+            "trace": trace_identity(trace),
+            "max_batch": max_batch,
+            "kv_limit_bytes": kv_limit_bytes,
+            "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
+            **(extra or {}),
+        }
 
     def __call__(self, trace: Trace, model: LoadedModel, strategy: KVStrategy | str = "full", *,
                  max_batch: int = 32, kv_limit_bytes: int | None = None, slo: SLO = SLO(),
                  engine=None, extra_config: dict | None = None) -> Measurement:
+        from pytest_kvcache import machine
+        from pytest_kvcache.bench import Bench
+        from pytest_kvcache.strategies import parse_strategy
+
         strategy = parse_strategy(strategy)
-        engine = engine or self._engine(model, strategy, max_batch, kv_limit_bytes)
-        rounds = self.request.config.getoption("kv_rounds")
-        bench = Bench(engine, trace, torch.device(self.session.device), slo)
-        calibration = self.session.calibration_s()
-        bench.warmup()
-        self.benchmark.group = self.request.node.module.__name__.rsplit(".", 1)[-1]
-        self.benchmark.pedantic(bench.run_round, rounds=rounds, iterations=1, warmup_rounds=0)
-        while len(bench.rounds) < rounds:
-            bench.run_round()
-        config = {
-            "engine": type(engine).__name__,
-            "model": model.name,
-            "strategy": strategy.label(),
-            "trace": trace.describe(),
-            "max_batch": max_batch,
-            "kv_limit_bytes": kv_limit_bytes,
-            "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
-            "rounds": rounds,
-            **(extra_config or {}),
-        }
-        node = self.request.node
-        measurement = bench.measurement(node.name, Path(str(node.path)).stem, config, calibration,
-                                        self.session.machine())
+        cls = type(engine) if engine is not None else self._engine_class(strategy)
+        config = self.configuration(cls.__name__, trace, model, strategy, max_batch, kv_limit_bytes, slo,
+                                    extra_config)
+        test_id, suite = _node(self.request)
+        rounds = config["rounds"]
+        device = self.session.device
+        try:
+            if engine is None:
+                kwargs = {"max_batch": max_batch, "kv_limit_bytes": kv_limit_bytes}
+                engine = cls(model, strategy, **kwargs)
+            bench = Bench(engine, trace, device, slo, self.session.pin, lambda: machine.calibrate(device))
+            bench.warmup()
+            self.benchmark.group = suite
+            self.benchmark.pedantic(bench.run_round, rounds=rounds, iterations=1, warmup_rounds=0)
+            while len(bench.rounds) < rounds:
+                bench.run_round()
+        except KVOutOfMemory as e:
+            out_of_memory = str(e)
+        else:
+            out_of_memory = None
+        if out_of_memory is not None:
+            failed = Measurement(test_id, suite, config, {}, None, self.session.machine())
+            self.session.record_error(self.request.node, failed, out_of_memory, OUT_OF_MEMORY)
+            pytest.fail(out_of_memory, pytrace=False)
+        measurement = bench.measurement(test_id, suite, config, self.session.machine())
         self.benchmark.extra_info.update(
             {name: representative(name, values) for name, values in measurement.metrics.items()
              if values and not math.isnan(representative(name, values))}
         )
-        self.session.record(node, measurement)
+        self.session.record(self.request.node, measurement)
         return measurement
 
 
@@ -138,6 +195,7 @@ class KVQuality:
     def __init__(self, request: pytest.FixtureRequest) -> None:
         self.request = request
         self.session = kv_session(request.config)
+        self.session.start()
 
     def _reference(self, model: LoadedModel, key: str, compute):
         cache = self.session.models.setdefault(("quality-reference", model.name), {})
@@ -147,7 +205,10 @@ class KVQuality:
 
     def __call__(self, model: LoadedModel, strategy: KVStrategy | str, *, ppl_tokens: int = 192,
                  ppl_prefill: int = 32) -> Measurement:
+        import torch
+
         from pytest_kvcache import quality
+        from pytest_kvcache.strategies import parse_strategy
 
         strategy = parse_strategy(strategy)
         agree_trace = quality.agreement_trace(model)
@@ -162,21 +223,25 @@ class KVQuality:
         config = {
             "model": model.name,
             "strategy": strategy.label(),
-            "perplexity": ppl,
-            "perplexity_full": full_ppl,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
             "ppl_tokens": ppl_tokens,
             "ppl_prefill": ppl_prefill,
-            "passkey": [{"depth": c.depth, "key": c.key, "answer": c.answer, "correct": c.correct} for c in cases],
             "passkey_prompt_tokens": [len(r.prompt_ids) for r in passkey_trace.requests],
+        }
+        info = {
+            "perplexity": ppl,
+            "perplexity_full": full_ppl,
+            "passkey": [{"depth": c.depth, "key": c.key, "answer": c.answer, "correct": c.correct} for c in cases],
         }
         metrics = {
             "token_agreement": [agreement],
             "perplexity_ratio": [ppl / full_ppl],
             "passkey_accuracy": [sum(c.correct for c in cases) / len(cases)],
         }
-        node = self.request.node
-        measurement = Measurement(node.name, Path(str(node.path)).stem, config, metrics, 0.0, self.session.machine())
-        self.session.record(node, measurement)
+        test_id, suite = _node(self.request)
+        measurement = Measurement(test_id, suite, config, metrics, None, self.session.machine(), info)
+        self.session.record(self.request.node, measurement)
         return measurement
 
 

@@ -1,10 +1,139 @@
-"""Per-request records and the serving metrics computed from them (definitions follow vLLM's benchmark tool)."""
+"""Per-request records, the serving metrics computed from them (definitions follow vLLM's benchmark tool), and the
+metric registry: every metric's unit and comparison rule, defined once and read by every other module."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from pytest_kvcache.errors import KVConfigError
+
+# How a metric is compared (pyperf's METADATA registry, asv's "factor and significance"):
+#   time   lower is better; statistical: regression = change above the threshold AND significant; calibrated
+#   rate   higher is better; statistical like time, calibrated (divided by the speed ratio)
+#   memory relative tolerance on the worst round plus an absolute slack; not statistical
+#   exact  deterministic counter: any difference is a change
+#   count  relative tolerance plus an absolute slack (e.g. preemptions)
+#   score  absolute tolerance (fractions, quality scores)
+KINDS = ("time", "rate", "memory", "exact", "count", "score")
+STATISTICAL = ("time", "rate")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One registry entry: unit, comparison kind, direction, default threshold and what the number means.
+
+    machine_dependent: the value depends on the machine's speed, so it is "not comparable" across fingerprints or
+    out-of-range calibrations (every time and rate metric, and timing-dependent fractions such as overlap).
+    """
+
+    name: str
+    unit: str
+    kind: str
+    description: str
+    higher_is_better: bool = False
+    threshold: float = 0.0
+    slack: float = 0.0
+    machine_dependent: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise KVConfigError(f"metric {self.name!r}: unknown kind {self.kind!r}, expected one of {', '.join(KINDS)}")
+
+    @property
+    def statistical(self) -> bool:
+        return self.kind in STATISTICAL
+
+    @property
+    def calibrated(self) -> bool:
+        """Scaled by the calibration ratio between sessions (time multiplied, rates divided)."""
+        return self.kind in STATISTICAL
+
+
+TIME_THRESHOLD = 0.03  # 3%: the smallest change kvbench compare is asked to find (benchmarks/README.md)
+_LATENCY = {"ttft": "time to first token (first token - arrival)", "tpot": "time per output token after the first",
+            "itl": "gap between consecutive tokens", "e2e": "end-to-end latency (last token - arrival)"}
+
+
+def _latency_metrics() -> list[Metric]:
+    """TTFT/TPOT/ITL/E2E per round: the median (`ttft_ms`) and the p90/p99 of the round's requests (or gaps)."""
+    out = []
+    for short, what in _LATENCY.items():
+        for suffix, stat in (("", "median"), ("_p90", "p90"), ("_p99", "p99")):
+            out.append(Metric(f"{short}{suffix}_ms", "ms", "time", f"{stat} {what} in one round",
+                              threshold=TIME_THRESHOLD, machine_dependent=True))
+    return out
+
+
+def _rate(name: str, unit: str, description: str) -> Metric:
+    return Metric(name, unit, "rate", description, higher_is_better=True, threshold=TIME_THRESHOLD,
+                  machine_dependent=True)
+
+
+MIB = 2**20
+
+METRICS: dict[str, Metric] = {m.name: m for m in [
+    *_latency_metrics(),
+    Metric("cpu_ms_per_token", "ms", "time", "process CPU time of one round per output token (immune to "
+           "descheduling by other processes)", threshold=TIME_THRESHOLD, machine_dependent=True),
+    Metric("decode_step_ms", "ms", "time", "median time of one batched decode step (GPU engine)",
+           threshold=TIME_THRESHOLD, machine_dependent=True),
+    _rate("request_throughput", "req/s", "completed requests / round duration"),
+    _rate("output_throughput", "tok/s", "output tokens / round duration"),
+    _rate("goodput", "req/s", "requests meeting the TTFT and TPOT SLOs / round duration"),
+    _rate("roofline_fraction", "", "bytes a decode step must read (weights + valid KV) / step time / measured copy "
+          "bandwidth (GPU)"),
+    Metric("rss_growth_bytes", "B", "memory", "host RSS peak above its level at the round's start",
+           threshold=0.25, slack=16 * MIB),
+    Metric("peak_device_bytes", "B", "memory", "device memory peak (pynvml)", threshold=0.05),
+    Metric("allocator_peak_bytes", "B", "memory", "torch allocator peak", threshold=0.05),
+    Metric("peak_device_growth_bytes", "B", "memory", "device memory peak above its level at the measurement's start",
+           threshold=0.05, slack=16 * MIB),
+    Metric("allocator_peak_growth_bytes", "B", "memory", "torch allocator peak above its level at the measurement's "
+           "start", threshold=0.05, slack=16 * MIB),
+    Metric("kv_peak_bytes", "B", "memory", "peak resident KV bytes, exact, from the strategy's accounting",
+           threshold=0.10),
+    Metric("kv_peak_block_bytes", "B", "memory", "peak KV bytes of allocated blocks (paged, block granularity)",
+           threshold=0.10),
+    Metric("kv_allocated_bytes", "B", "memory", "KV storage the cache allocated", threshold=0.0),
+    Metric("kv_cache_usage", "", "memory", "peak fraction of the vLLM KV pool in use (timing-dependent)",
+           threshold=0.10, slack=0.02),
+    Metric("output_tokens", "tok", "exact", "output tokens generated in one round"),
+    Metric("kv_tokens_stored", "tok", "exact", "tokens written to the KV cache"),
+    Metric("kv_tokens_evicted", "tok", "exact", "tokens evicted from the KV cache"),
+    Metric("kv_tokens_kept", "tok", "exact", "tokens still cached when requests finished"),
+    Metric("kv_bytes_to_host", "B", "exact", "KV bytes copied device -> host"),
+    Metric("kv_bytes_to_device", "B", "exact", "KV bytes copied host -> device"),
+    Metric("preemptions", "", "count", "requests preempted in one round", threshold=0.5),
+    Metric("harness_overhead", "", "count", "fraction of a vLLM replay spent in our harness", threshold=1.0,
+           slack=0.01),
+    Metric("first_divergence", "tok", "count", "tokens generated before the first disagreement with the full cache",
+           higher_is_better=True, threshold=0.1, slack=1),
+    Metric("transfer_overlap", "", "score", "fraction of host<->device copy time hidden under compute",
+           higher_is_better=True, threshold=0.05, machine_dependent=True),
+    Metric("prefix_cache_hit_rate", "", "score", "prefix-cache hits / queries (vLLM)", higher_is_better=True,
+           threshold=0.02),
+    Metric("speculation_recall", "", "score", "InfiniGen: fraction of the true top tokens speculated",
+           higher_is_better=True, threshold=0.05),
+    Metric("token_agreement", "", "score", "greedy tokens equal to the full cache's", higher_is_better=True,
+           threshold=0.02),
+    Metric("top1_agreement", "", "score", "teacher-forced top-1 agreement with the full cache",
+           higher_is_better=True, threshold=0.02),
+    Metric("kl_divergence", "nat", "score", "mean per-token KL(full || policy) on the same continuation",
+           threshold=0.01),
+    Metric("perplexity_ratio", "", "score", "perplexity / the full cache's perplexity", threshold=0.02),
+    Metric("passkey_accuracy", "", "score", "passkeys retrieved", higher_is_better=True, threshold=0.0),
+    Metric("retrieval_accuracy", "", "score", "retrieval tasks answered (passkey, needle, multi-key, variable "
+           "tracking)", higher_is_better=True, threshold=0.0),
+]}
+
+
+def metric(name: str) -> Metric:
+    """The registry entry for a name; an unknown name is an error that lists the known ones."""
+    if name not in METRICS:
+        raise KVConfigError(f"unknown metric {name!r}: known metrics are {', '.join(METRICS)}")
+    return METRICS[name]
 
 
 @dataclass

@@ -7,13 +7,15 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import psutil
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from pytest_kvcache.errors import KVConfigError, KVMissingPackage
+
+if TYPE_CHECKING:  # torch and transformers load when a model is built, not when the plugin is imported
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -71,11 +73,15 @@ class LoadedModel:
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V for one token across all layers at the model's dtype."""
+        import torch
+
         elem = torch.finfo(self.dtype).bits // 8
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
 
 
 def _tiny() -> LlamaConfig:
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=1024,
         hidden_size=128,
@@ -92,6 +98,8 @@ def _tiny() -> LlamaConfig:
 
 def _llama(hidden: int, layers: int, heads: int, kv_heads: int, inter: int) -> Callable[[], LlamaConfig]:
     def make() -> LlamaConfig:
+        from transformers import LlamaConfig
+
         return LlamaConfig(
             vocab_size=128256,
             hidden_size=hidden,
@@ -139,6 +147,8 @@ def smollm2_dir() -> Path:
 
 
 def smollm2_config() -> LlamaConfig:
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=49152,
         hidden_size=576,
@@ -157,6 +167,8 @@ def smollm2_config() -> LlamaConfig:
 
 def parameter_bytes(config: LlamaConfig, dtype: torch.dtype) -> int:
     """Bytes of a Llama's weights, computed from its shape, to refuse models that cannot fit before building them."""
+    import torch
+
     h, i, v, n = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     kv = config.num_key_value_heads * head_dim
@@ -167,6 +179,8 @@ def parameter_bytes(config: LlamaConfig, dtype: torch.dtype) -> int:
 
 def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
+        import torch
+
         free, _ = torch.cuda.mem_get_info(device)
         return free
     return psutil.virtual_memory().available
@@ -184,6 +198,9 @@ def _check_fits(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> No
 
 
 def _random_llama(config: LlamaConfig, device: torch.device, dtype: torch.dtype, seed: int) -> LlamaForCausalLM:
+    import torch
+    from transformers import LlamaForCausalLM
+
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         if device.type == "cuda":
@@ -194,7 +211,8 @@ def _random_llama(config: LlamaConfig, device: torch.device, dtype: torch.dtype,
 
 
 def _load_smollm2(device: torch.device, dtype: torch.dtype) -> tuple[LlamaForCausalLM, object]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     folder = smollm2_dir()
@@ -216,6 +234,8 @@ def _load_smollm2(device: torch.device, dtype: torch.dtype) -> tuple[LlamaForCau
 
 def load_model(name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, seed: int = 0) -> LoadedModel:
     """Build or load a model by name; refuses one that would not fit in free memory."""
+    import torch
+
     spec = get_spec(name)
     device = torch.device(device)
     if spec.gpu_only and device.type != "cuda":

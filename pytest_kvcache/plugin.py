@@ -1,13 +1,17 @@
 """pytest hooks: options, markers, GPU gating, parametrization over models/strategies, the gate and the summary.
 
+Importing this module (a pytest11 entry point, loaded by every pytest session) imports neither torch,
+transformers nor scipy: they load when a kv fixture first runs, or when an option that needs them is given.
+
 Exit status: pytest's own. A regression fails its test (exit 1); a missing baseline is reported as `new` and
-passes unless --kv-strict; bad options are usage errors (exit 4).
+passes unless --kv-strict; bad options and unusable baselines are usage errors (exit 4) before any test runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -15,26 +19,29 @@ from pathlib import Path
 
 import pytest
 
-from pytest_kvcache.baselines import (
-    BaselineError,
-    BaselineStore,
+from pytest_kvcache.baselines import BaselineStore
+from pytest_kvcache.errors import KVConfigError
+from pytest_kvcache.metrics import metric
+from pytest_kvcache.models import MODELS, get_spec
+from pytest_kvcache.report import failure_message, not_comparable_advice, summary_text
+from pytest_kvcache.results import (
+    FormatError,
     Measurement,
-    compare,
-    rule_for,
-    verdicts_to_json,
+    OlderFormat,
+    Outcome,
+    Results,
+    outcome_from_json,
     write_json_atomic,
 )
-from pytest_kvcache.errors import KVConfigError
-from pytest_kvcache.models import MODELS, get_spec
-from pytest_kvcache.report import Outcome, changes_table, failure_message, tables
-from pytest_kvcache.strategies import parse_strategy
 from pytest_kvcache.traces import TraceError, load_jsonl
 
-RESULTS_FORMAT = 1
+KV_FIXTURES = ("kv_bench", "kv_quality")
 MARKERS = {
     "gpu": "gpu: needs a CUDA device; runs only with --gpu",
     "quality": "quality: measures output quality on real weights (slow on CPU)",
     "sweep": "sweep: part of the characterization sweep (many configurations)",
+    "smoke": "smoke: the fast selection `kvbench compare` runs on pull requests",
+    "kv_smoke": "kv_smoke(*specs): which of the test's kv_strategies belong to the smoke selection (marked smoke)",
     "kv_models": "kv_models(*names): models to parametrize kv_model with when --kv-model is not given",
     "kv_strategies": "kv_strategies(*specs): strategies to parametrize kv_strategy with, e.g. 'streaming:budget=0.5'",
     "kv_thresholds": "kv_thresholds(**metric_thresholds): regression thresholds per module/class/test (closest wins), e.g. ttft_ms=0.5",
@@ -51,6 +58,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value}")
+    return value
+
+
+def _cpu(text: str) -> str | int:
+    if text in ("auto", "off"):
+        return text
+    if text.isdigit() and int(text) in (os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else {0}):
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected auto, off or one of this process's CPUs, got {text!r}")
+
+
 def _model_names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if names == ["all"]:
@@ -64,6 +89,8 @@ def _model_names(text: str) -> list[str]:
 
 
 def _strategy(text: str) -> str:
+    from pytest_kvcache.strategies import parse_strategy
+
     try:
         return parse_strategy(text).label()
     except KVConfigError as e:
@@ -86,17 +113,42 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kv-baselines", metavar="DIR", default=None,
                     help="baseline folder; files are DIR/<machine>/<suite>.json (default: <rootdir>/baselines)")
     group.addoption("--kv-update-baselines", action="store_true", default=False,
-                    help="accept this run's numbers as the new baselines for the tests that passed; written "
-                         "atomically at the end of the session (default: off, baselines are read-only)")
+                    help="accept this run's numbers as the new baselines for the tests that passed (entries of "
+                         "the same configuration, new ones and unreadable ones), written at the end of the session "
+                         "(default: off, baselines are read-only)")
+    group.addoption("--kv-replace-baselines", action="store_true", default=False,
+                    help="like --kv-update-baselines, and also replace entries recorded with another "
+                         "configuration (default: off)")
     group.addoption("--kv-results", metavar="DIR", default=None,
                     help="write every measurement and verdict of this run as JSON here (default: <rootdir>/results)")
     group.addoption("--kv-rounds", metavar="N", type=_positive_int, default=3,
                     help="timed replays of each trace after one warm-up (default: 3)")
     group.addoption("--kv-threads", metavar="N", type=_positive_int, default=None,
-                    help="torch intra-op threads for CPU runs; one thread keeps the tiny model's timings steady on "
-                         "small shared machines (default: 1 on CPU, torch's own on GPU)")
+                    help="torch intra-op threads for CPU runs, set when a kv fixture first runs; one thread keeps "
+                         "the tiny model's timings steady on small shared machines (default: 1 on CPU, torch's own "
+                         "on GPU)")
+    group.addoption("--kv-cpu", metavar="CPU", type=_cpu, default="auto",
+                    help="pin the benchmark process to one CPU when a kv fixture first runs: auto (the idlest, "
+                         "moving away from busy neighbours between rounds; CPU runs only), off, or a CPU number "
+                         "(default: auto)")
+    group.addoption("--kv-session-noise", metavar="FRACTION", type=_fraction, default=None,
+                    help="between-session noise of time metrics that the stored-baseline gate assumes, as a "
+                         "log-scale SD; lower it on a dedicated runner (default: 0.15, measured on a shared 2-core "
+                         "machine by benchmarks/gate_experiments.py)")
     group.addoption("--kv-strict", action="store_true", default=False,
                     help="fail tests that have no stored baseline instead of reporting them as new (default: off)")
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _workers(config: pytest.Config) -> int:
+    """How many processes measure at once: the xdist worker count, 1 without xdist."""
+    if _is_worker(config):
+        return int(config.workerinput.get("workercount", 1))
+    n = getattr(config.option, "numprocesses", None)
+    return n if isinstance(n, int) and n > 0 else 1
 
 
 @dataclass
@@ -107,13 +159,64 @@ class KVSession:
     device: str
     store: BaselineStore
     results_dir: Path
+    session_sd: float
     models: dict = field(default_factory=dict)
     outcomes: list[Outcome] = field(default_factory=list)
     passed: set[str] = field(default_factory=set)
-    calibration: float | None = None
     fingerprint: dict | None = None
     warnings: list[str] = field(default_factory=list)
     trace_override: object | None = None
+    pin: object | None = None
+    started: bool = False
+    unreadable: dict[tuple[str, str], str] = field(default_factory=dict)
+    older_files: list[str] = field(default_factory=list)
+    cpus_allowed: list[int] = field(default_factory=lambda: sorted(os.sched_getaffinity(0))
+                                    if hasattr(os, "sched_getaffinity") else [])
+
+    @property
+    def updating(self) -> bool:
+        return self.config.getoption("kv_update_baselines") or self.config.getoption("kv_replace_baselines")
+
+    @property
+    def workers(self) -> int:
+        return _workers(self.config)
+
+    @property
+    def shared_cores(self) -> bool:
+        """xdist workers that contend for the CPUs: their timings are not baselines."""
+        return self.workers > 1 and self.workers >= (len(self.cpus_allowed) or os.cpu_count() or 1)
+
+    def start(self) -> None:
+        """First kv fixture: torch threads, never at import or for sessions without kv tests."""
+        if self.started:
+            return
+        self.started = True
+        import torch
+
+        threads = self.config.getoption("kv_threads")
+        if self.device == "cpu" or threads:
+            torch.set_num_threads(threads or 1)
+
+    def pin_cpu(self) -> None:
+        """First timed benchmark: pin this process to one CPU as --kv-cpu says (once per session)."""
+        if self.pin is not None:
+            return
+        choice = self.config.getoption("kv_cpu")
+        if choice == "off" or (choice == "auto" and self.device != "cpu"):
+            return
+        from pytest_kvcache.machine import CpuPin
+
+        allowed = self.cpus_allowed
+        if isinstance(choice, int):
+            self.pin = CpuPin(allowed, fixed=True)
+            self.pin.pin(choice)
+        elif self.workers > 1:
+            index = int(self.config.workerinput["workerid"].lstrip("gw")) if _is_worker(self.config) else 0
+            self.pin = CpuPin(allowed, fixed=True)
+            self.pin.pin(allowed[index % len(allowed)] if allowed else None)
+        else:
+            self.pin = CpuPin(allowed)
+            self.pin.pin()
 
     def machine(self) -> dict:
         if self.fingerprint is None:
@@ -122,40 +225,42 @@ class KVSession:
             self.fingerprint = fingerprint(self.device)
         return self.fingerprint
 
-    def calibration_s(self) -> float:
-        if self.calibration is None:
-            from pytest_kvcache.machine import calibrate
-
-            self.calibration = calibrate(self.device)
-        return self.calibration
+    def thresholds(self, item: pytest.Item) -> dict[str, float]:
+        """Per-test thresholds from kv_thresholds markers (closest wins); unknown metric names are errors."""
+        thresholds: dict[str, float] = {}
+        for marker in reversed(list(item.iter_markers("kv_thresholds"))):
+            for name, value in marker.kwargs.items():
+                metric(name)
+                thresholds[name] = float(value)
+        return thresholds
 
     def record(self, item: pytest.Item, measurement: Measurement) -> Outcome:
-        """Compare a measurement with its baseline; fails the test on a regression unless updating."""
-        thresholds = {}
-        for marker in reversed(list(item.iter_markers("kv_thresholds"))):
-            for metric, value in marker.kwargs.items():
-                rule_for(metric)
-                thresholds[metric] = float(value)
-        baseline = self.store.get(measurement.suite, measurement.test_id)
-        if baseline is not None:
-            from pytest_kvcache.machine import fingerprint_mismatch
+        """Gate a measurement on its stored baseline; fails the test on a regression unless updating."""
+        from pytest_kvcache.gate import gate
 
-            diff = fingerprint_mismatch(baseline.machine, measurement.machine)
-            if diff:
-                note = f"{measurement.suite}: baseline from another machine ({'; '.join(diff)}); compared with calibration"
-                if note not in self.warnings:
-                    self.warnings.append(note)
-        updating = self.config.getoption("kv_update_baselines")
-        outcome = Outcome(measurement, compare(baseline, measurement, thresholds), item.nodeid, updated=updating)
+        thresholds = self.thresholds(item)
+        key = (measurement.suite, measurement.test_id)
+        readable = key not in self.unreadable and measurement.suite not in self.older_files
+        baseline = self.store.get(*key) if readable else None
+        verdicts = gate(baseline, measurement, thresholds, self.session_sd)
+        outcome = Outcome(item.nodeid, measurement, verdicts, thresholds, updated=self.updating)
         self.outcomes.append(outcome)
-        if updating:
+        advice = not_comparable_advice(outcome)
+        if advice and advice not in self.warnings:
+            self.warnings.append(advice)
+        if self.updating:
             return outcome
         if baseline is None and self.config.getoption("kv_strict"):
             pytest.fail(f"no baseline for {measurement.test_id} in {self.store.path(measurement.suite)} "
                         "(--kv-strict): record one with --kv-update-baselines", pytrace=False)
-        if any(v.fails for v in outcome.verdicts):
+        if any(v.fails for v in verdicts):
             pytest.fail(failure_message(outcome), pytrace=False)
         return outcome
+
+    def record_error(self, item: pytest.Item, measurement: Measurement, message: str, status: str) -> None:
+        """A configuration that produced an error as its result (e.g. out of memory): kept in the results."""
+        self.outcomes.append(Outcome(item.nodeid, measurement, [], self.thresholds(item), error=message,
+                                     error_status=status))
 
 
 SESSION = pytest.StashKey[KVSession]()
@@ -163,10 +268,6 @@ SESSION = pytest.StashKey[KVSession]()
 
 def kv_session(config: pytest.Config) -> KVSession:
     return config.stash[SESSION]
-
-
-def _is_worker(config: pytest.Config) -> bool:
-    return hasattr(config, "workerinput")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -185,16 +286,15 @@ def pytest_configure(config: pytest.Config) -> None:
     for name in config.getoption("kv_model") or []:
         if get_spec(name).gpu_only and device != "cuda":
             raise pytest.UsageError(f"--kv-model {name} is a GPU-only shape: add --gpu on a CUDA machine")
-    if device == "cpu" or config.getoption("kv_threads"):
-        import torch
-
-        torch.set_num_threads(config.getoption("kv_threads") or 1)
     root = Path(config.rootpath)
     baselines = Path(config.getoption("kv_baselines") or root / "baselines")
     results = Path(config.getoption("kv_results") or root / "results")
+    from pytest_kvcache.gate import SESSION_SD
     from pytest_kvcache.machine import machine_id
 
-    session = KVSession(config, device, BaselineStore(baselines, machine_id(device)), results)
+    noise = config.getoption("kv_session_noise")
+    session = KVSession(config, device, BaselineStore(baselines, machine_id(device)), results,
+                        SESSION_SD if noise is None else noise)
     trace_path = config.getoption("kv_trace")
     if trace_path:
         try:
@@ -229,11 +329,17 @@ def _parametrize(metafunc: pytest.Metafunc) -> None:
             get_spec(name)
         metafunc.parametrize("kv_model", names, indirect=True, ids=names)
     if "kv_strategy" in metafunc.fixturenames and not _directly_parametrized(metafunc, "kv_strategy"):
+        from pytest_kvcache.strategies import parse_strategy
+
         override = config.getoption("kv_strategy")
         marker = metafunc.definition.get_closest_marker("kv_strategies")
         specs = override or (list(marker.args) if marker else ["full"])
         labels = [parse_strategy(s).label() for s in specs]
-        metafunc.parametrize("kv_strategy", labels, indirect=True, ids=[_param_id(s) for s in labels])
+        smoke_marker = metafunc.definition.get_closest_marker("kv_smoke")
+        smoke = {parse_strategy(s).label() for s in smoke_marker.args} if smoke_marker else set()
+        params = [pytest.param(label, marks=[pytest.mark.smoke] if label in smoke else [], id=_param_id(label))
+                  for label in labels]
+        metafunc.parametrize("kv_strategy", params, indirect=True)
 
 
 def _directly_parametrized(metafunc: pytest.Metafunc, name: str) -> bool:
@@ -249,6 +355,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Check the baselines of the suites about to run before any test does: one line, exit 4, nothing written.
+    With --kv-update-baselines unreadable entries are noted and replaced by their tests' new numbers."""
+    kv = kv_session(session.config)
+    if session.config.option.collectonly:
+        return
+    suites = sorted({Path(str(item.path)).stem for item in session.items
+                     if any(f in getattr(item, "fixturenames", ()) for f in KV_FIXTURES)})
+    problems = kv.store.problems(suites)
+    if not problems:
+        return
+    fatal = []
+    for suite in suites:
+        try:
+            for test_id, reason in kv.store.unreadable(suite).items():
+                kv.unreadable[(suite, test_id)] = reason
+        except OlderFormat as e:
+            if not kv.updating:
+                fatal.append(str(e))
+            kv.older_files.append(suite)
+        except FormatError as e:
+            fatal.append(str(e))
+    if not fatal and kv.updating and not kv.unreadable:
+        return
+    if fatal or not kv.updating:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        first = (fatal or problems)[0]
+        fix = "" if fatal else "; or rerun with --kv-update-baselines to replace unreadable entries"
+        raise pytest.UsageError(f"{first}{more}{fix}")
+    kv.warnings += [f"unreadable baseline replaced if its test passes: {reason}" for reason in kv.unreadable.values()]
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
@@ -259,35 +397,31 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     return report
 
 
-def _outcome_json(o: Outcome) -> dict:
-    m = o.measurement
-    return {
-        "nodeid": o.nodeid,
-        "test_id": m.test_id,
-        "suite": m.suite,
-        "status": o.status,
-        "updated": o.updated,
-        "entry": m.to_entry(),
-        "summary": {name: m.summary(name) for name in m.metrics},
-        "verdicts": verdicts_to_json(o.verdicts),
-    }
-
-
 def pytest_testnodedown(node, error) -> None:
     """xdist controller: collect the measurements a worker made."""
     payload = getattr(node, "workeroutput", {}).get("kvcache")
     if not payload:
         return
-    from pytest_kvcache.baselines import Verdict
-
     session = kv_session(node.config)
     data = json.loads(payload)
     session.fingerprint = session.fingerprint or data["machine"]
-    for o in data["outcomes"]:
-        m = Measurement.from_entry(o["test_id"], o["suite"], o["entry"], data["machine"])
-        session.outcomes.append(Outcome(m, [Verdict(**v) for v in o["verdicts"]], o["nodeid"], o["updated"]))
+    for i, o in enumerate(data["outcomes"]):
+        session.outcomes.append(outcome_from_json(o, data["machine"], f"xdist worker outcome {i}"))
     session.passed.update(data["passed"])
-    session.calibration = session.calibration or data["calibration"]
+    session.warnings += [w for w in data["warnings"] if w not in session.warnings]
+
+
+def _session_facts(kv: KVSession) -> dict:
+    """What the results file says about how this session measured."""
+    return {
+        "device": kv.device,
+        "workers": kv.workers,
+        "shared_cores": kv.shared_cores,
+        "session_sd": kv.session_sd,
+        "rounds": kv.config.getoption("kv_rounds"),
+        "cpu_option": str(kv.config.getoption("kv_cpu")),
+        "cpus_allowed": kv.cpus_allowed,
+    }
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -301,27 +435,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if kv.outcomes:
             config.workeroutput["kvcache"] = json.dumps({
                 "machine": kv.machine(),
-                "calibration": kv.calibration,
-                "outcomes": [_outcome_json(o) for o in kv.outcomes],
+                "outcomes": [o.to_json() for o in kv.outcomes],
                 "passed": sorted(kv.passed),
+                "warnings": kv.warnings,
             })
         return
     if not kv.outcomes:
         return
     stamp = datetime.now(timezone.utc)
-    results = {
-        "format": RESULTS_FORMAT,
-        "created": stamp.isoformat(timespec="seconds"),
-        "machine": kv.machine(),
-        "machine_id": kv.store.machine_id,
-        "calibration_s": kv.calibration,
-        "outcomes": [_outcome_json(o) for o in kv.outcomes],
-    }
+    results = Results(stamp.isoformat(timespec="seconds"), kv.machine(), kv.store.machine_id, _session_facts(kv),
+                      kv.outcomes)
     path = _unused_path(kv.results_dir, f"kvcache-{stamp:%Y%m%d-%H%M%S}")
-    write_json_atomic(path, results)
-    write_json_atomic(kv.results_dir / "latest.json", results)
+    write_json_atomic(path, results.to_json())
+    write_json_atomic(kv.results_dir / "latest.json", results.to_json())
     kv.warnings.insert(0, f"results written to {path}")
-    if config.getoption("kv_update_baselines"):
+    if kv.updating:
         _update_baselines(kv)
 
 
@@ -334,18 +462,38 @@ def _unused_path(folder: Path, stem: str) -> Path:
     return path
 
 
+def _without_timing(m: Measurement) -> Measurement:
+    metrics = {n: v for n, v in m.metrics.items() if not metric(n).machine_dependent}
+    return Measurement(m.test_id, m.suite, m.config, metrics, None, m.machine, m.info)
+
+
 def _update_baselines(kv: KVSession) -> None:
     by_suite: dict[str, list[Measurement]] = {}
     for o in kv.outcomes:
-        if o.nodeid in kv.passed:
-            by_suite.setdefault(o.measurement.suite, []).append(o.measurement)
+        if o.nodeid in kv.passed and o.error is None:
+            m = _without_timing(o.measurement) if kv.shared_cores else o.measurement
+            by_suite.setdefault(m.suite, []).append(m)
+    if kv.shared_cores and by_suite:
+        kv.warnings.append(f"{kv.workers} xdist workers share {len(kv.cpus_allowed)} CPUs: their timings "
+                           "contend, so time and rate metrics were NOT recorded as baselines; record those without -n")
+    replace = kv.config.getoption("kv_replace_baselines")
     for suite, measurements in sorted(by_suite.items()):
         try:
-            path = kv.store.update(suite, measurements, kv.machine())
-        except BaselineError as e:
+            report = kv.store.update(suite, measurements, kv.machine(), replace=replace)
+        except FormatError as e:
             kv.warnings.append(f"baselines NOT updated: {e}")
             continue
-        kv.warnings.append(f"baselines updated: {path} ({len(measurements)} tests)")
+        if report.written:
+            kv.warnings.append(f"baselines updated: {report.path} ({len(report.written)} tests)")
+        for test_id in report.replaced_unreadable:
+            kv.warnings.append(f"replaced unreadable baseline {test_id} in {report.path}")
+        if report.older_format:
+            kv.warnings.append(f"{report.path} was written in an older format: it now holds the "
+                               f"{len(report.written)} tests of this run only")
+        for test_id, diff in report.refused.items():
+            kv.warnings.append(f"baseline {test_id} in {report.path} NOT updated: it was recorded with another "
+                               f"configuration ({diff}); run with the suite's default options, or add "
+                               "--kv-replace-baselines to replace it")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
@@ -356,13 +504,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         return
     tr = terminalreporter
     tr.write_sep("=", "KV-cache benchmark summary")
-    outcomes = sorted(kv.outcomes, key=lambda o: o.nodeid)
-    tr.write_line(f"machine {kv.store.machine_id}; baselines {kv.store.root}; calibration "
-                  f"{(kv.calibration or 0) * 1e3:.1f} ms")
-    tr.write_line(tables(outcomes))
-    changes = changes_table(outcomes)
+    pins = sorted({c for o in kv.outcomes for c in o.measurement.info.get("cpus", []) if c is not None})
+    tr.write_line(f"machine {kv.store.machine_id}; baselines {kv.store.root}; CPUs {pins or 'not pinned'}"
+                  + ("; xdist workers share the CPUs: timings contend" if kv.shared_cores else ""))
+    table, changes = summary_text(sorted(kv.outcomes, key=lambda o: o.nodeid))
+    tr.write_line(table)
     if changes:
         tr.write_sep("-", "metrics that changed (improved: refresh the baseline with --kv-update-baselines)")
         tr.write_line(changes)
     for line in kv.warnings:
         tr.write_line(line)
+

@@ -3,90 +3,54 @@
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
 
 from tabulate import tabulate
 
-from pytest_kvcache.baselines import NEW, REGRESSED, UNCHANGED, Measurement, Verdict, overall, representative
+from pytest_kvcache.results import NEW, NOT_COMPARABLE, REGRESSED, UNCHANGED, UNKNOWN, Measurement, Outcome
 
 MIB = 2**20
 
 
-@dataclass
-class Outcome:
-    """A measurement with its verdicts, as the summary and the results file show it."""
-
-    measurement: Measurement
-    verdicts: list[Verdict]
-    nodeid: str
-    updated: bool = False
-
-    @property
-    def status(self) -> str:
-        word = overall(self.verdicts)
-        return f"{word} (baseline updated)" if self.updated else word
-
-
 def _value(m: Measurement, metric: str, scale: float = 1.0, digits: int = 1) -> str:
-    if metric not in m.metrics or not m.metrics[metric]:
+    if not m.metrics.get(metric):
         return "-"
-    return f"{representative(metric, m.metrics[metric]) / scale:.{digits}f}"
+    return f"{m.summary(metric) / scale:.{digits}f}"
 
 
-SUMMARY_HEADERS = ["test", "TTFT p50 ms", "TPOT p50 ms", "E2E p50 ms", "out tok/s", "KV peak MiB",
-                   "evicted tok", "preempt", "verdict"]
+SUMMARY_COLUMNS = [("TTFT p50 ms", "ttft_ms", 1, 1), ("TPOT p50 ms", "tpot_ms", 1, 2), ("E2E p50 ms", "e2e_ms", 1, 1),
+                   ("out tok/s", "output_throughput", 1, 1), ("CPU ms/tok", "cpu_ms_per_token", 1, 2),
+                   ("KV peak MiB", "kv_peak_bytes", MIB, 2), ("evicted tok", "kv_tokens_evicted", 1, 0),
+                   ("preempt", "preemptions", 1, 0)]
+SUMMARY_HEADERS = ["test", *(title for title, *_ in SUMMARY_COLUMNS), "verdict"]
+QUALITY_COLUMNS = [("token agreement", "token_agreement", 1, 3), ("perplexity ratio", "perplexity_ratio", 1, 3),
+                   ("passkey accuracy", "passkey_accuracy", 1, 2)]
 
 
-def summary_table(outcomes: list[Outcome], fmt: str = "simple") -> str:
-    """One row per measurement: the headline metrics and the test's verdict."""
-    rows = []
-    for o in outcomes:
-        m = o.measurement
-        rows.append([
-            m.test_id,
-            _value(m, "ttft_ms"),
-            _value(m, "tpot_ms", digits=2),
-            _value(m, "e2e_ms"),
-            _value(m, "output_throughput"),
-            _value(m, "kv_peak_bytes", MIB, 2),
-            _value(m, "kv_tokens_evicted", digits=0),
-            _value(m, "preemptions", digits=0),
-            o.status,
-        ])
-    return tabulate(rows, headers=SUMMARY_HEADERS, tablefmt=fmt, disable_numparse=True)
-
-
-QUALITY_HEADERS = ["test", "token agreement", "perplexity ratio", "passkey accuracy", "verdict"]
-
-
-def quality_table(outcomes: list[Outcome], fmt: str = "simple") -> str:
-    """One row per quality measurement: agreement with the full cache, perplexity ratio, passkey accuracy."""
-    rows = [
-        [o.measurement.test_id, _value(o.measurement, "token_agreement", digits=3),
-         _value(o.measurement, "perplexity_ratio", digits=3), _value(o.measurement, "passkey_accuracy", digits=2),
-         o.status]
-        for o in outcomes
-    ]
-    return tabulate(rows, headers=QUALITY_HEADERS, tablefmt=fmt, disable_numparse=True)
+def _table(outcomes: list[Outcome], columns: list, fmt: str) -> str:
+    rows = [[o.measurement.test_id] + [_value(o.measurement, name, scale, digits) for _, name, scale, digits in columns]
+            + [o.status] for o in outcomes]
+    return tabulate(rows, headers=["test"] + [title for title, *_ in columns] + ["verdict"], tablefmt=fmt,
+                    disable_numparse=True)
 
 
 def tables(outcomes: list[Outcome], fmt: str = "simple") -> str:
-    """The serving table and, when quality was measured, the quality table."""
-    serving = [o for o in outcomes if "token_agreement" not in o.measurement.metrics]
+    """The serving table and, when quality was measured, the quality table: one row per test."""
     quality = [o for o in outcomes if "token_agreement" in o.measurement.metrics]
-    parts = [summary_table(serving, fmt)] if serving else []
+    serving = [o for o in outcomes if "token_agreement" not in o.measurement.metrics]
+    parts = [_table(serving, SUMMARY_COLUMNS, fmt)] if serving else []
     if quality:
-        parts.append(quality_table(quality, fmt))
+        parts.append(_table(quality, QUALITY_COLUMNS, fmt))
     return "\n\n".join(parts)
 
 
 def changes_table(outcomes: list[Outcome], fmt: str = "simple") -> str:
-    """Every metric whose verdict is not `unchanged`, so regressions and stale baselines stand out."""
+    """Every metric whose verdict says something (not unchanged or unknown), so regressions and stale baselines
+    stand out; tests with no baseline at all are left out."""
     rows = []
     for o in outcomes:
         all_new = all(v.status == NEW for v in o.verdicts)
         for v in o.verdicts:
-            if v.status == UNCHANGED or (all_new and v.status == NEW):
+            if v.status in (UNCHANGED, UNKNOWN) or (all_new and v.status == NEW):
                 continue
             change = "-" if v.change is None else f"{v.change:+.1%}"
             base = "-" if v.baseline is None else f"{v.baseline:.4g}"
@@ -98,6 +62,11 @@ def changes_table(outcomes: list[Outcome], fmt: str = "simple") -> str:
                     tablefmt=fmt, disable_numparse=True)
 
 
+def summary_text(outcomes: list[Outcome], fmt: str = "simple") -> tuple[str, str]:
+    """(table of tests, table of changed metrics) as the terminal summary and `kvbench diff` print them."""
+    return tables(outcomes, fmt), changes_table(outcomes, fmt)
+
+
 def failure_message(outcome: Outcome) -> str:
     """What a failing test says: each regressed metric with baseline, current, change, evidence, and how to rerun."""
     lines = [f"KV-cache benchmark regression in {outcome.measurement.test_id}:"]
@@ -105,3 +74,21 @@ def failure_message(outcome: Outcome) -> str:
     lines.append(f"reproduce: pytest {shlex.quote(outcome.nodeid)}")
     lines.append("accept the new numbers: add --kv-update-baselines")
     return "\n".join(lines)
+
+
+def not_comparable_advice(outcome: Outcome) -> str | None:
+    """One line saying which metrics were not compared, why, and what to do; None when all were compared."""
+    skipped = [v for v in outcome.verdicts if v.status == NOT_COMPARABLE]
+    if not skipped:
+        return None
+    why = skipped[0].detail
+    if why.startswith("configuration differs"):
+        fix = ("record a baseline for this configuration with --kv-replace-baselines, or run with the suite's "
+               "default options")
+    elif why.startswith("baseline from another machine"):
+        fix = "record baselines on this machine type with --kv-update-baselines, or use `kvbench compare`"
+    else:
+        fix = "the machine's speed changed too much since the baseline: rerun on a quieter machine or use " \
+              "`kvbench compare`"
+    what = "every metric" if len(skipped) == len(outcome.verdicts) else f"{len(skipped)} time metrics"
+    return f"{outcome.measurement.test_id}: {what} not comparable: {why}; {fix}"

@@ -1,33 +1,144 @@
-"""Statistics for regression detection, as pure functions over samples (after asv's step detection)."""
+"""Statistics behind verdicts, as pure functions over independent samples (after pyperf's `_utils` and asv's `_stats`).
+
+A sample is one independent repeat: a session (one pytest process) in `kvbench compare`, a round inside one
+session. Per-request values are never samples: a request's latency is set by its place in the trace (its
+intra-class correlation across rounds is 0.74-1.00 on the tiny model), so pooling them over rounds multiplies the
+sample count without adding information.
+
+Two comparisons, both on the log scale (speed changes are multiplicative):
+
+- `paired_effects`: base and head measured in alternating sessions (kvbench compare). Each pair gives the log
+  ratio head/base of every metric. With the order inside each pair chosen at random, a pair's sign is
+  exchangeable when nothing changed, so flipping the signs of whole pairs gives the exact null distribution of the
+  largest |t| over the test's metrics: the intervals are simultaneous over the metrics (family-wise error `alpha`
+  per test, whatever their correlation). The smallest p-value n pairs can give is 2 / 2**n: `min_pairs` is the
+  documented minimum sample size, and below it every interval is unbounded (no claim is made).
+- `session_effect`: a stored baseline against one new session. Rounds inside one session share that process's
+  offset (medians of separate processes differ by about +-10% on a quiet 2-core machine), so between sessions the
+  independent sample is the session, one per side: the interval adds an assumed between-session noise
+  (`session_sd`, measured by `benchmarks/gate_experiments.py`) to the spread of the rounds.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
 import numpy as np
-from scipy.stats import mannwhitneyu
 
-ALPHA = 0.01
-MIN_SAMPLES_FOR_TEST = 8
-
-
-def significance(baseline: list[float], current: list[float], alpha: float = ALPHA) -> tuple[bool, str]:
-    """Whether two samples differ: Mann-Whitney U (two-sided) when both have >= 8 values, else complete
-    separation (every current value beyond every baseline value), which is the strongest evidence few runs give."""
-    if len(baseline) >= MIN_SAMPLES_FOR_TEST and len(current) >= MIN_SAMPLES_FOR_TEST:
-        if np.ptp(baseline) == 0 and np.ptp(current) == 0:
-            differ = baseline[0] != current[0]
-            return differ, "constant samples"
-        p = float(mannwhitneyu(current, baseline, alternative="two-sided").pvalue)
-        return p < alpha, f"Mann-Whitney p={p:.2g}"
-    separated = min(current) > max(baseline) or max(current) < min(baseline)
-    return separated, f"{'separated' if separated else 'overlapping'} samples (n={len(baseline)}/{len(current)})"
+ALPHA = 0.01  # family-wise error per test, over its metrics (and over the looks of an adaptive compare)
+MAX_FLIPS = 20_000  # exact enumeration of sign patterns up to this many, else a seeded random subset
 
 
-def median(values: list[float]) -> float:
+@dataclass(frozen=True)
+class Effect:
+    """Change head / base of one metric: point estimate, interval at `confidence`, and how it was obtained."""
+
+    ratio: float
+    low: float
+    high: float
+    confidence: float
+    n: int
+    method: str
+
+    @property
+    def significant(self) -> bool:
+        return self.low > 1.0 or self.high < 1.0
+
+    def describe(self) -> str:
+        return f"x{self.ratio:.3f}, {self.confidence:.2%} CI [{self.low:.3f}, {self.high:.3f}], {self.method}"
+
+
+def min_pvalue_sign_flip(n: int) -> float:
+    """Smallest two-sided p-value of a sign-flip test on n pairs: the observed signs and their mirror image."""
+    return min(1.0, 2.0 / 2.0**n)
+
+
+def min_pairs(alpha: float = ALPHA) -> int:
+    """Fewest pairs whose sign-flip test can reach `alpha` (8 for 0.01): fewer pairs give no verdict."""
+    return max(1, math.ceil(math.log2(2.0 / alpha)))
+
+
+def _sign_patterns(n: int, seed: int) -> np.ndarray:
+    """(F, n) matrix of +-1: every pattern when 2**n <= MAX_FLIPS, else the identity plus seeded random ones."""
+    if 2**n <= MAX_FLIPS:
+        bits = (np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1
+        return 1 - 2 * bits
+    rng = np.random.default_rng(seed)
+    flips = rng.choice(np.array([-1, 1]), size=(MAX_FLIPS, n))
+    flips[0] = 1
+    return flips
+
+
+def _t(d: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    """t statistics (F, m) of the mean of sign-flipped rows of d (n, m); a zero spread gives 0 or +-inf."""
+    n = d.shape[0]
+    means = flips @ d / n
+    sumsq = (d**2).sum(axis=0)
+    var = np.maximum(sumsq - n * means**2, 0.0) / (n - 1)
+    se = np.sqrt(var / n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(se > 0, means / se, np.where(means == 0, 0.0, np.sign(means) * np.inf))
+    return t
+
+
+def paired_effects(base: Sequence[Sequence[float]], head: Sequence[Sequence[float]], alpha: float = ALPHA,
+                   seed: int = 0) -> list[Effect]:
+    """Simultaneous intervals for head/base of m metrics from n pairs of sessions (rows: pairs, columns: metrics).
+
+    Values must be > 0. The interval of metric j is exp(mean_j +- c * se_j) of the per-pair log ratios, with c the
+    (1 - alpha) quantile of max_j |t_j| over sign flips of whole pairs; with fewer than `min_pairs(alpha)` pairs
+    the intervals are (0, inf).
+    """
+    b, h = np.asarray(base, dtype=float), np.asarray(head, dtype=float)
+    if b.shape != h.shape or b.ndim != 2 or b.shape[0] < 1:
+        raise ValueError(f"base and head must be (pairs, metrics) of one shape, got {b.shape} and {h.shape}")
+    if (b <= 0).any() or (h <= 0).any() or not (np.isfinite(b).all() and np.isfinite(h).all()):
+        raise ValueError("paired_effects needs finite values > 0")
+    d = np.log(h) - np.log(b)
+    n, m = d.shape
+    mean = d.mean(axis=0)
+    method = f"paired sessions, n={n}"
+    if n < min_pairs(alpha):
+        return [Effect(math.exp(x), 0.0, math.inf, 1 - alpha, n, f"{method} < {min_pairs(alpha)} pairs needed")
+                for x in mean]
+    flips = _sign_patterns(n, seed)
+    max_t = np.sort(np.abs(_t(d, flips)).max(axis=1))[::-1]
+    critical = max_t[math.floor(alpha * len(max_t))]
+    se = d.std(axis=0, ddof=1) / math.sqrt(n)
+    label = f"{method}, sign-flip max-t over {m} metric{'s' if m > 1 else ''}"
+    effects = []
+    for x, s in zip(mean, se):
+        half = critical * s if s > 0 else 0.0
+        low, high = (math.exp(x - half), math.exp(x + half)) if math.isfinite(half) else (0.0, math.inf)
+        effects.append(Effect(math.exp(x), low, high, 1 - alpha, n, label))
+    return effects
+
+
+def session_effect(base: Sequence[float], head: Sequence[float], session_sd: float, alpha: float = ALPHA) -> Effect:
+    """head/base between two sessions: the ratio of round medians, with an interval that adds `session_sd`
+    (log-scale SD of one session's offset) for each side to the spread of the rounds. Values must be > 0."""
+    lb, lh = np.log(np.asarray(base, dtype=float)), np.log(np.asarray(head, dtype=float))
+    if not (np.isfinite(lb).all() and np.isfinite(lh).all()) or len(lb) == 0 or len(lh) == 0:
+        raise ValueError("session_effect needs non-empty finite values > 0")
+    estimate = float(np.log(np.median(np.exp(lh))) - np.log(np.median(np.exp(lb))))
+    var = 2 * session_sd**2
+    var += float(lb.var(ddof=1)) / len(lb) if len(lb) > 1 else 0.0
+    var += float(lh.var(ddof=1)) / len(lh) if len(lh) > 1 else 0.0
+    half = NormalDist().inv_cdf(1 - alpha / 2) * math.sqrt(var)
+    method = f"one session per side ({len(lb)}/{len(lh)} rounds), between-session noise {session_sd:.0%}"
+    return Effect(math.exp(estimate), math.exp(estimate - half), math.exp(estimate + half), 1 - alpha,
+                  1, method)
+
+
+def median(values: Sequence[float]) -> float:
     return float(np.median(np.asarray(values, dtype=float)))
 
 
 def relative_change(baseline: float, current: float) -> float:
-    """(current - baseline) / baseline; inf when the baseline is zero and the current is not."""
+    """(current - baseline) / |baseline|; inf when the baseline is zero and the current is not."""
     if baseline == 0:
-        return 0.0 if current == 0 else float("inf")
+        return 0.0 if current == 0 else math.inf
     return (current - baseline) / abs(baseline)

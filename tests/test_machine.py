@@ -1,8 +1,12 @@
-"""Machine identity and the calibration workload behind cross-machine comparisons."""
+"""Machine identity, the calibration workload, and the CPU pinning that keeps busy neighbours off the benchmark."""
 
+import os
 import platform
 
-from pytest_kvcache.machine import calibrate, fingerprint, fingerprint_mismatch, machine_id
+import pytest
+
+from pytest_kvcache import machine
+from pytest_kvcache.machine import CpuPin, calibrate, fingerprint, fingerprint_mismatch, machine_id, run_delay_s
 
 
 def test_cpu_machine_id_names_the_baseline_folder():
@@ -26,6 +30,29 @@ def test_fingerprint_mismatch_names_each_differing_key():
 
 
 def test_calibration_is_a_positive_duration():
-    """The calibration workload returns seconds, the unit compare() divides by."""
+    """The calibration workload returns seconds, the unit the gate divides by."""
     seconds = calibrate("cpu", repeats=3)
     assert isinstance(seconds, float) and seconds > 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/schedstat"), reason="Linux schedstat only")
+def test_run_delay_is_read_from_schedstat():
+    delay = run_delay_s()
+    assert delay is not None and delay >= 0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux only")
+def test_pin_moves_to_the_cpu_others_used_least(monkeypatch):
+    """After a disturbed round the pin goes where the foreign busy time was lowest; a fixed pin stays."""
+    original = os.sched_getaffinity(0)
+    pinned = []
+    monkeypatch.setattr(machine.os, "sched_setaffinity", lambda pid, cpus: pinned.append(set(cpus)))
+    busy = iter([[10.0, 10.0], [10.9, 11.0]])  # CPU 0: 0.9 s busy (ours ~0), CPU 1: 1.0 s
+    monkeypatch.setattr(machine, "_busy", lambda t: t)
+    monkeypatch.setattr(machine.psutil, "cpu_times", lambda percpu: next(busy))
+    pin = CpuPin([0, 1], cpu=1)
+    pin.mark()
+    assert pin.move_away() == 0 and pin.moves == 1 and pinned == [{0}]
+    fixed = CpuPin([0, 1], cpu=1, fixed=True)
+    assert fixed.move_away() == 1
+    assert os.sched_getaffinity(0) == original

@@ -34,8 +34,12 @@ def test_help_lists_the_kvcache_group(pytester):
         "  --kv-update-baselines*",
         "  --kv-results=DIR *",
         "  --kv-rounds=N *",
+        "  --kv-threads=N *",
+        "  --kv-cpu=CPU *",
+        "  --kv-session-noise=FRACTION*",
         "  --kv-strict *",
     ])
+    assert "--kv-replace-baselines" in result.stdout.str()
 
 
 def test_help_lists_the_markers(pytester):
@@ -53,7 +57,9 @@ def test_help_lists_the_markers(pytester):
      "*error: argument --kv-strategy: budget must be a fraction in (0, 1] *, got 1.5"),
     (["--kv-strategy", "streaming:nosuchparam=1"],
      "*error: argument --kv-strategy: strategy 'streaming' has no parameter 'nosuchparam'; it takes: budget, sinks"),
-], ids=["rounds-0", "rounds-word", "model", "budget-range", "strategy-param"])
+    (["--kv-cpu", "999"], "*error: argument --kv-cpu: expected auto, off or one of this process's CPUs, got '999'"),
+    (["--kv-session-noise", "1.5"], "*error: argument --kv-session-noise: expected a fraction in [[]0, 1), got 1.5"),
+], ids=["rounds-0", "rounds-word", "model", "budget-range", "strategy-param", "cpu", "session-noise"])
 def test_bad_option_values_are_usage_errors(pytester, args, message):
     """A typo in an option stops the run before any model loads, with the value and what is allowed."""
     usage_error(pytester, *args).stderr.fnmatch_lines([message])
@@ -139,7 +145,7 @@ def test_typo_in_kv_thresholds_fails_in_one_line(pytester):
             trace = request_trace(model=kv_model, rate=math.inf, num_requests=2, prompt_len=8, output_len=2)
             kv_bench(trace, kv_model)
     """)
-    result = pytester.runpytest("-p", "no:cacheprovider", "--benchmark-disable", "--kv-rounds", "1",
+    result = pytester.runpytest("-p", "no:cacheprovider", "--benchmark-disable", "--kv-rounds", "1", "--kv-cpu", "off",
                                 "--kv-baselines", "b", "--kv-results", "r")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["KVConfigError: unknown metric 'ttft': known metrics are ttft_ms, *"])

@@ -1,0 +1,356 @@
+"""A/A and power experiments for `kvbench compare`, on this machine, with a competing busy process on one core.
+
+    python benchmarks/gate_experiments.py collect DATA --blocks N [--variants A,B,S05,S10,S20] [-- PYTEST_ARGS]
+    python benchmarks/gate_experiments.py analyze DATA [DATA ...] --name NAME
+    python benchmarks/gate_experiments.py timed OUT --slowdown 0.1 [-- PYTEST_ARGS]
+
+`collect` checks out HEAD twice (as `kvbench compare HEAD HEAD` does) and runs one long interleaved sequence of
+sessions through compare's own runner and fork server while `python3 -c 'while True: pass'` keeps one core busy
+all along. A block holds one session of every variant in a random order: A and B are plain sessions of the two
+checkouts, Sxx are sessions of the second checkout whose decode step is planted xx% slower
+(benchmarks/plant_slowdown.py, through KVBENCH_PLANT_SLOWDOWN). Every session's per-round values are appended to
+DATA/sessions.jsonl, so a run can be stopped and resumed.
+
+`analyze` forms the pairs (A, B) for A/A and (A, Sxx) for power, block by block, and cuts each stream into
+disjoint groups of consecutive pairs, each judged by compare's own adaptive rule and verdicts (kvbench compare's
+smoke defaults); it writes benchmarks/results/NAME.md and NAME.json. `timed` runs one real `kvbench compare` with
+a planted slowdown and records its wall time and verdicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pytest_kvcache.cli import SMOKE_PAIRS
+from pytest_kvcache.compare import (
+    SMOKE_ARGS,
+    ForkServer,
+    Judgement,
+    Plan,
+    Runner,
+    judge_test,
+    resolve,
+    sequential,
+    worktree,
+)
+from pytest_kvcache.results import Measurement
+
+RESULTS = ROOT / "benchmarks" / "results"
+VARIABLE = "KVBENCH_PLANT_SLOWDOWN"
+
+
+def variant_env(name: str) -> dict[str, str]:
+    """A, B: plain; S05, S10, S20: decode step planted 5%, 10%, 20% slower."""
+    return {VARIABLE: f"{int(name[1:]) / 100:g}"} if name.startswith("S") else {}
+
+
+def busy_neighbour() -> subprocess.Popen:
+    return subprocess.Popen(["python3", "-c", "while True: pass"])
+
+
+def busy_seconds() -> float:
+    """CPU seconds all CPUs have spent busy since boot."""
+    return sum(t.user + t.system + t.nice + t.irq + t.softirq for t in psutil.cpu_times(percpu=True))
+
+
+def own_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def foreign_cores(neighbour: psutil.Process, seconds: float = 3.0) -> float:
+    """CPUs kept busy by processes other than the experiment's neighbour, over a short look."""
+    busy, own = busy_seconds(), own_seconds(neighbour)
+    time.sleep(seconds)
+    return (busy_seconds() - busy - (own_seconds(neighbour) - own)) / seconds
+
+
+def wait_until_quiet(neighbour: psutil.Process, limit: float, max_wait_s: float) -> tuple[float, float]:
+    """Hold the next block while other processes (not ours) keep more than `limit` CPUs busy, for at most
+    `max_wait_s`: the experiment's condition is one busy neighbour, not three. Returns (waited s, last foreign)."""
+    start = time.monotonic()
+    while True:
+        foreign = foreign_cores(neighbour)
+        if foreign <= limit or time.monotonic() - start >= max_wait_s:
+            return time.monotonic() - start, foreign
+        time.sleep(7)
+
+
+def compact(session) -> dict:
+    """What analysis needs from a session: per test, the configuration hash and every metric's samples."""
+    tests = {}
+    for o in session.results.outcomes if session.results else []:
+        m = o.measurement
+        tests[m.test_id] = {"config_hash": m.config_hash, "thresholds": o.thresholds, "metrics": m.metrics,
+                            "calibration_s": m.calibration_s, "calibration_points_s": m.info.get("calibration_points_s"),
+                            "cpus": m.info.get("cpus"), "repeated": m.info.get("disturbed_rounds_repeated")}
+    return {"returncode": session.returncode, "seconds": round(session.seconds, 2), "tests": tests}
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    data = Path(args.data)
+    data.mkdir(parents=True, exist_ok=True)
+    index = data / "sessions.jsonl"
+    done = [json.loads(line) for line in index.read_text().splitlines()] if index.exists() else []
+    complete = {r["block"] for r in done}
+    variants = args.variants.split(",")
+    pytest_args = args.pytest_args or [*SMOKE_ARGS, "-p", "benchmarks.plant_slowdown"]
+    (data / "setup.json").write_text(json.dumps({"variants": variants, "pytest_args": pytest_args,
+                                                 "commit": resolve(ROOT, "HEAD")}, indent=1) + "\n")
+    rng = random.Random(args.seed)
+    orders = [rng.sample(variants, len(variants)) for _ in range(args.blocks)]
+    commit = resolve(ROOT, "HEAD")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # remove the worktrees when stopped
+    neighbour = busy_neighbour()
+    watched = psutil.Process(neighbour.pid)
+    start = time.monotonic()
+    try:
+        with ExitStack() as stack:
+            trees = {"base": stack.enter_context(worktree(ROOT, commit, data / "tree-a")),
+                     "head": stack.enter_context(worktree(ROOT, commit, data / "tree-b"))}
+            server = ForkServer()
+            stack.push(lambda kind, *_: server.close(interrupted=kind is not None))
+            runner = Runner(trees, pytest_args, data / "sessions", server)
+            with index.open("a") as out:
+                for block, order in enumerate(orders):
+                    if block in complete:
+                        continue
+                    while (data / "pause").exists():  # `touch DATA/pause` holds the run between blocks
+                        time.sleep(10)
+                    waited, before = wait_until_quiet(watched, args.quiet_below, args.max_wait)
+                    for position, name in enumerate(order):
+                        runner.env = {"head": variant_env(name)}
+                        busy, own = busy_seconds(), own_seconds(watched)
+                        session = runner.session("base" if name == "A" else "head", block)
+                        foreign = busy_seconds() - busy - (own_seconds(watched) - own) - session.cpu_s
+                        record = {"block": block, "position": position, "variant": name, "waited_s": round(waited),
+                                  "foreign_before": round(before, 2),
+                                  "foreign_cores": round(max(foreign, 0.0) / session.seconds, 3),
+                                  "loadavg": os.getloadavg()[0], **compact(session)}
+                        out.write(json.dumps(record) + "\n")
+                        out.flush()
+                    elapsed = time.monotonic() - start
+                    print(f"block {block + 1}/{args.blocks} done, {elapsed:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    return 0
+
+
+def load(folders: list[str]) -> dict[str, dict[int, dict]]:
+    """variant -> block -> session record, over every DATA folder (blocks renumbered to stay distinct)."""
+    out: dict[str, dict[int, dict]] = {}
+    offset = 0
+    for folder in folders:
+        records = [json.loads(line) for line in (Path(folder) / "sessions.jsonl").read_text().splitlines()]
+        for r in records:
+            out.setdefault(r["variant"], {})[offset + r["block"]] = r
+        offset += 1 + max(r["block"] for r in records)
+    return out
+
+
+def measurements(record: dict, rounds: int | None) -> dict[str, tuple[Measurement, dict]]:
+    """test id -> (Measurement of that session, thresholds); `rounds` keeps only the first rounds' samples."""
+    out = {}
+    for test_id, t in record["tests"].items():
+        metrics = {n: v[:rounds] if rounds else v for n, v in t["metrics"].items()}
+        m = Measurement(test_id, "", {"hash": t["config_hash"]}, metrics, None)
+        out[test_id] = (m, t["thresholds"])
+    return out
+
+
+def pair_stream(sessions: dict[str, dict[int, dict]], base: str, head: str, rounds: int | None) -> list[tuple]:
+    """(base session, head session) of every block that has both, in block order, as measurements."""
+    blocks = sorted(set(sessions[base]) & set(sessions[head]))
+    return [(measurements(sessions[base][b], rounds), measurements(sessions[head][b], rounds)) for b in blocks]
+
+
+def judge_pairs(pairs: list[tuple], alpha: float, seed: int = 0) -> list[Judgement]:
+    tests = sorted(set.intersection(*(set(b) & set(h) for b, h in pairs)))
+    return [judge_test(t, [b[t][0] for b, _ in pairs], [h[t][0] for _, h in pairs], pairs[-1][1][t][1], alpha, seed)
+            for t in tests]
+
+
+def groups(pairs: list[tuple], plan: Plan) -> list[tuple[int, list[Judgement]]]:
+    """Disjoint consecutive groups, each judged by compare's adaptive rule: (pairs used, verdicts) per group."""
+    out, start = [], 0
+    while start + plan.max_pairs <= len(pairs):
+        used: dict[str, int] = {}
+
+        def judge(n: int, first: int = start, used: dict = used) -> list[Judgement]:
+            used["n"] = n
+            return judge_pairs(pairs[first:first + n], plan.alpha_per_look, seed=first)
+
+        verdicts = sequential(plan, judge)
+        out.append((used["n"], verdicts))
+        start += used["n"]
+    return out
+
+
+def log_ratio_sd(pairs: list[tuple], name: str) -> float:
+    """Median over tests of the SD of per-pair log ratios of one metric's session values."""
+    sds = []
+    for test_id in pairs[0][0]:
+        d = [math.log(np.median(h[test_id][0].metrics[name]) / np.median(b[test_id][0].metrics[name]))
+             for b, h in pairs if test_id in b and test_id in h and name in b[test_id][0].metrics]
+        if len(d) > 2:
+            sds.append(float(np.std(d, ddof=1)))
+    return float(np.median(sds)) if sds else math.nan
+
+
+def resampled_power(pairs: list[tuple], n: int, trials: int, alpha: float, seed: int) -> float:
+    """Share of 'slower' test verdicts of fixed-size compares of n pairs drawn with replacement (bootstrap)."""
+    rng = np.random.default_rng(seed)
+    slower = total = 0
+    for _ in range(trials):
+        sample = [pairs[i] for i in rng.integers(len(pairs), size=n)]
+        verdicts = judge_pairs(sample, alpha, seed=int(rng.integers(1 << 30)))
+        slower += sum(v.word == "slower" for v in verdicts)
+        total += len(verdicts)
+    return slower / total
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    sessions = load(args.data)
+    plan = Plan(SMOKE_PAIRS[0], SMOKE_PAIRS[1], 4, "random", 0)
+    rounds = args.rounds
+    rows, report = [], {"data": args.data, "rounds": rounds or "all",
+                        "plan": {"pairs": plan.pairs, "max_pairs": plan.max_pairs, "step": plan.step,
+                                 "alpha": plan.alpha}, "comparisons": {}}
+    seconds = [r["seconds"] for v in sessions.values() for r in v.values()]
+    heads = [v for v in sessions if v != "A"]
+    for head in heads:
+        pairs = pair_stream(sessions, "A", head, rounds)
+        judged = groups(pairs, plan)
+        words = [v.word for _, vs in judged for v in vs]
+        counts = {w: words.count(w) for w in sorted(set(words))}
+        slower = counts.get("slower", 0)
+        sd = {name: log_ratio_sd(pairs, name) for name in ("tpot_ms", "itl_ms", "e2e_ms", "cpu_ms_per_token",
+                                                           "output_throughput", "ttft_ms")}
+        entry = {"label": "A/A" if head == "B" else f"planted {int(head[1:])}% slower decode", "pairs": len(pairs),
+                 "compares": len(judged), "pairs_per_compare": [n for n, _ in judged], "verdicts": len(words),
+                 "counts": counts, "slower_share": slower / len(words) if words else math.nan,
+                 "log_ratio_sd": sd}
+        report["comparisons"][head] = entry
+        rows.append(entry)
+    if "S05" in sessions and args.thorough_trials:
+        pairs = pair_stream(sessions, "A", "S05", rounds)
+        curve = {n: resampled_power(pairs, n, args.thorough_trials, plan.alpha, seed=n)
+                 for n in (12, 20, 30, 40, 50, 60, 80)}
+        report["power_5_percent_by_pairs"] = curve
+    report["session_seconds"] = {"median": float(np.median(seconds)), "max": float(np.max(seconds))}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(report, args))
+    print(markdown(report, args))
+    return 0
+
+
+def markdown(report: dict, args: argparse.Namespace) -> str:
+    command = (f"`python benchmarks/gate_experiments.py analyze {' '.join(args.data)} --name {args.name}`"
+               + (f" (first {args.rounds} rounds of each session)" if args.rounds else ""))
+    design = (f"Each compare: kvbench compare's smoke plan, {report['plan']['pairs']} pairs, up to "
+              f"{report['plan']['max_pairs']} while a test is unknown; disjoint groups of consecutive pairs of one "
+              "long interleaved run with `python3 -c 'while True: pass'` on one core all along. Median session "
+              f"{report['session_seconds']['median']:.1f} s (max {report['session_seconds']['max']:.1f} s).")
+    lines = [f"# {args.name}", "", command, "", design, "",
+             "| comparison | compares | pairs used | test verdicts | slower | share slower | other verdicts |",
+             "|---|---|---|---|---|---|---|"]
+    for head, e in report["comparisons"].items():
+        others = ", ".join(f"{n} {w}" for w, n in e["counts"].items() if w != "slower") or "-"
+        lines.append(f"| {e['label']} ({head}) | {e['compares']} | {sum(e['pairs_per_compare'])} | {e['verdicts']} | "
+                     f"{e['counts'].get('slower', 0)} | {e['slower_share']:.1%} | {others} |")
+    lines += ["", "SD of the per-pair log ratio (median over tests):", "",
+              "| comparison | " + " | ".join(next(iter(report["comparisons"].values()))["log_ratio_sd"]) + " |",
+              "|---|" + "---|" * len(next(iter(report["comparisons"].values()))["log_ratio_sd"])]
+    for head, e in report["comparisons"].items():
+        lines.append(f"| {head} | " + " | ".join(f"{v:.3f}" for v in e["log_ratio_sd"].values()) + " |")
+    if "power_5_percent_by_pairs" in report:
+        note = ("Power at a planted 5% slowdown against the number of pairs (fixed-size compares of pairs drawn "
+                "with replacement from the S05 stream):")
+        lines += ["", note, "", "| pairs | share slower |", "|---|---|"]
+        lines += [f"| {n} | {p:.1%} |" for n, p in report["power_5_percent_by_pairs"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_timed(args: argparse.Namespace) -> int:
+    """One real kvbench compare HEAD HEAD with a planted slowdown in the head, under a busy neighbour."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pytest_args = args.pytest_args or [*SMOKE_ARGS, "-p", "benchmarks.plant_slowdown"]
+    command = [sys.executable, "-m", "pytest_kvcache.cli", "compare", "HEAD", "HEAD", "--output", str(out / "run"),
+               "--markdown", str(out / "compare.md"), "--head-env", f"{VARIABLE}={args.slowdown}", "--", *pytest_args]
+    neighbour = busy_neighbour()
+    watched = psutil.Process(neighbour.pid)
+    busy, own = busy_seconds(), own_seconds(watched)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.monotonic()
+    try:
+        code = subprocess.run(command, cwd=ROOT, check=False).returncode
+        seconds = time.monotonic() - start
+        done = resource.getrusage(resource.RUSAGE_CHILDREN)
+        compare_cpu = done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime
+        foreign = (busy_seconds() - busy - (own_seconds(watched) - own) - compare_cpu) / seconds
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    summary = json.loads((out / "run" / "compare.json").read_text())
+    record = {"command": " ".join(command[1:]), "exit": code, "wall_s": round(seconds, 1),
+              "foreign_cores": round(max(foreign, 0.0), 2),
+              "pairs": len(summary["orders"]), "verdicts": {t["test_id"]: t["verdict"] for t in summary["tests"]}}
+    (out / "timed.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record, indent=1))
+    return 0
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    extra = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    collect = sub.add_parser("collect")
+    collect.add_argument("data")
+    collect.add_argument("--blocks", type=int, required=True)
+    collect.add_argument("--variants", default="A,B,S05,S10,S20")
+    collect.add_argument("--seed", type=int, default=0)
+    collect.add_argument("--quiet-below", type=float, default=0.3,
+                         help="start a block only when others keep fewer CPUs busy than this (default: 0.3)")
+    collect.add_argument("--max-wait", type=float, default=900, help="longest wait for that, seconds (default: 900)")
+    collect.set_defaults(func=cmd_collect)
+    analyze = sub.add_parser("analyze")
+    analyze.add_argument("data", nargs="+")
+    analyze.add_argument("--name", required=True)
+    analyze.add_argument("--rounds", type=int, default=None, help="use only the first N rounds of each session")
+    analyze.add_argument("--thorough-trials", type=int, default=0, help="bootstrap compares per pair count at 5%%")
+    analyze.set_defaults(func=cmd_analyze)
+    timed = sub.add_parser("timed")
+    timed.add_argument("out")
+    timed.add_argument("--slowdown", type=float, default=0.1)
+    timed.set_defaults(func=cmd_timed)
+    args = parser.parse_args(argv)
+    args.pytest_args = extra
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
