@@ -7,7 +7,7 @@ BUDGETS = [0.1, 0.2, 0.5, 1.0]
 EVICTING = ["streaming", "h2o", "infinigen"]
 STRATEGIES = [
     "full",
-    *[f"{name}:budget={budget}" for name in EVICTING for budget in BUDGETS],
+    *[f"{name}:budget={budget}" for name in EVICTING for budget in BUDGETS if name != "infinigen" or budget < 1],
     "quantized:bits=2",
     "quantized:bits=4",
     "paged",

@@ -33,7 +33,7 @@ SUITE = """
     @pytest.mark.kv_strategies("full", "streaming:budget=24")
     def test_bench(kv_bench, kv_model, kv_strategy, request_trace):
         trace = request_trace(model=kv_model, rate=math.inf, num_requests=8, prompt_len=32, output_len=8, seed=1)
-        hook = kv_model.model.register_forward_pre_hook(slow_prefill, with_kwargs=True)
+        hook = kv_model.model.model.register_forward_pre_hook(slow_prefill, with_kwargs=True)  # prefill runs it
         try:
             measurement = kv_bench(trace, kv_model, kv_strategy)
         finally:
