@@ -4,8 +4,8 @@
 # and what a KV cache buys. Results go to $OUT (default results/h200); each step has its own time limit, so a
 # step that runs long still leaves the others' files.
 #
-#   OUT=/tmp/h200 bash benchmarks/run_h200.sh suite      # the GPU suite: baselines and results (~8 min)
-#   OUT=/tmp/h200 bash benchmarks/run_h200.sh figures    # tests and benchmarks (~4 min)
+#   OUT=/tmp/h200 bash benchmarks/run_h200.sh suite      # the GPU suite: baselines and results (~7 min)
+#   OUT=/tmp/h200 bash benchmarks/run_h200.sh figures    # tests and benchmarks (~5 min)
 set -uo pipefail
 PHASE=${1:-suite}
 OUT=${OUT:-results/h200}
@@ -24,15 +24,15 @@ step() {  # name, seconds, command...
 }
 
 if [ "$PHASE" = suite ]; then  # two sessions, so a slow second one still leaves the first one's baselines
-    step gpu-serving 360 $PY -m pytest suites/test_latency.py suites/test_memory.py suites/test_throughput.py \
+    step gpu-serving 330 $PY -m pytest suites/test_latency.py suites/test_memory.py suites/test_throughput.py \
         --gpu -p no:cacheprovider --kv-update-baselines --kv-baselines "$OUT/baselines" --kv-results "$OUT/serving"
-    step gpu-scale 120 $PY -m pytest suites/test_gpu_scale.py suites/test_vllm.py suites/test_quality.py \
+    step gpu-scale 100 $PY -m pytest suites/test_gpu_scale.py suites/test_vllm.py suites/test_quality.py \
         --gpu -p no:cacheprovider -rs --kv-update-baselines --kv-baselines "$OUT/baselines" --kv-results "$OUT/scale"
     tail -n 40 "$OUT/gpu-serving.log" "$OUT/gpu-scale.log"
 else
-    step gpu-decode 200 $PY benchmarks/gpu_decode.py --out "$OUT/gpu-decode"
-    step cache-speedup 60 $PY benchmarks/cache_speedup.py --gpu --out "$OUT/cache-speedup"
-    step cuda-tests 150 $PY -m pytest tests/test_cuda.py tests/test_kernels.py -q -p no:cacheprovider
+    step gpu-decode 160 $PY benchmarks/gpu_decode.py --out "$OUT/gpu-decode"
+    step cache-speedup 45 $PY benchmarks/cache_speedup.py --gpu --out "$OUT/cache-speedup"
+    step cuda-tests 70 $PY -m pytest tests/test_cuda.py tests/test_kernels.py -q -p no:cacheprovider
     cat "$OUT/gpu-decode.md" "$OUT/cache-speedup.md" 2>/dev/null
     tail -n 15 "$OUT/cuda-tests.log"
 fi
