@@ -100,7 +100,8 @@ def compact(session) -> dict:
         m = o.measurement
         tests[m.test_id] = {"config_hash": m.config_hash, "thresholds": o.thresholds, "metrics": m.metrics,
                             "calibration_s": m.calibration_s, "calibration_points_s": m.info.get("calibration_points_s"),
-                            "cpus": m.info.get("cpus"), "repeated": m.info.get("disturbed_rounds_repeated")}
+                            "cpus": m.info.get("cpus"), "repeated": m.info.get("disturbed_rounds_repeated"),
+                            "still": m.info.get("still_disturbed")}
     return {"returncode": session.returncode, "seconds": round(session.seconds, 2), "tests": tests}
 
 
@@ -166,6 +167,11 @@ def load(folders: list[str]) -> dict[str, dict[int, dict]]:
     return out
 
 
+def disturbed(record: dict) -> bool:
+    """compare's rule (Session.disturbed): some test's final round still waited for a CPU."""
+    return any(t["still"] for t in record["tests"].values())
+
+
 def measurements(record: dict, rounds: int | None) -> dict[str, tuple[Measurement, dict]]:
     """test id -> (Measurement of that session, thresholds); `rounds` keeps only the first rounds' samples."""
     out = {}
@@ -177,8 +183,10 @@ def measurements(record: dict, rounds: int | None) -> dict[str, tuple[Measuremen
 
 
 def pair_stream(sessions: dict[str, dict[int, dict]], base: str, head: str, rounds: int | None) -> list[tuple]:
-    """(base session, head session) of every block that has both, in block order, as measurements."""
-    blocks = sorted(set(sessions[base]) & set(sessions[head]))
+    """(base session, head session) of every block that has both, in block order, as measurements; pairs with a
+    disturbed session are left out, as compare replaces them."""
+    blocks = sorted(b for b in set(sessions[base]) & set(sessions[head])
+                    if not disturbed(sessions[base][b]) and not disturbed(sessions[head][b]))
     return [(measurements(sessions[base][b], rounds), measurements(sessions[head][b], rounds)) for b in blocks]
 
 
