@@ -84,13 +84,17 @@ def foreign_cores(neighbour: psutil.Process, seconds: float = 3.0) -> float:
 
 def wait_until_quiet(neighbour: psutil.Process, limit: float, max_wait_s: float) -> tuple[float, float]:
     """Hold the next block while other processes (not ours) keep more than `limit` CPUs busy, for at most
-    `max_wait_s`: the experiment's condition is one busy neighbour, not three. Returns (waited s, last foreign)."""
+    `max_wait_s`: the experiment's condition is one busy neighbour, not three. The neighbour is stopped while
+    nothing is measured, so the wait does not slow the others down. Returns (waited s, last foreign)."""
     start = time.monotonic()
     while True:
         foreign = foreign_cores(neighbour)
         if foreign <= limit or time.monotonic() - start >= max_wait_s:
+            neighbour.resume()
+            time.sleep(1)
             return time.monotonic() - start, foreign
-        time.sleep(7)
+        neighbour.suspend()
+        time.sleep(20)
 
 
 def compact(session) -> dict:
@@ -100,7 +104,8 @@ def compact(session) -> dict:
         m = o.measurement
         tests[m.test_id] = {"config_hash": m.config_hash, "thresholds": o.thresholds, "metrics": m.metrics,
                             "calibration_s": m.calibration_s, "calibration_points_s": m.info.get("calibration_points_s"),
-                            "cpus": m.info.get("cpus"), "repeated": m.info.get("disturbed_rounds_repeated")}
+                            "cpus": m.info.get("cpus"), "repeated": m.info.get("disturbed_rounds_repeated"),
+                            "still": m.info.get("still_disturbed")}
     return {"returncode": session.returncode, "seconds": round(session.seconds, 2), "tests": tests}
 
 
@@ -166,6 +171,11 @@ def load(folders: list[str]) -> dict[str, dict[int, dict]]:
     return out
 
 
+def disturbed(record: dict) -> bool:
+    """compare's rule (Session.disturbed): some test's final round still waited for a CPU."""
+    return any(t["still"] for t in record["tests"].values())
+
+
 def measurements(record: dict, rounds: int | None) -> dict[str, tuple[Measurement, dict]]:
     """test id -> (Measurement of that session, thresholds); `rounds` keeps only the first rounds' samples."""
     out = {}
@@ -177,8 +187,10 @@ def measurements(record: dict, rounds: int | None) -> dict[str, tuple[Measuremen
 
 
 def pair_stream(sessions: dict[str, dict[int, dict]], base: str, head: str, rounds: int | None) -> list[tuple]:
-    """(base session, head session) of every block that has both, in block order, as measurements."""
-    blocks = sorted(set(sessions[base]) & set(sessions[head]))
+    """(base session, head session) of every block that has both, in block order, as measurements; pairs with a
+    disturbed session are left out, as compare replaces them."""
+    blocks = sorted(b for b in set(sessions[base]) & set(sessions[head])
+                    if not disturbed(sessions[base][b]) and not disturbed(sessions[head][b]))
     return [(measurements(sessions[base][b], rounds), measurements(sessions[head][b], rounds)) for b in blocks]
 
 

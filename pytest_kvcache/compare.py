@@ -5,7 +5,9 @@ its side's tree (PYTHONPATH pointing at it), writing results to a temporary fold
 to one CPU by the plugin. Sessions alternate in pairs whose order is drawn at random (or ABBA), and every order is
 recorded. The per-session values of each test and metric are compared pair by pair (stats.paired_effects, through
 the one gate): same / slower / faster / unknown with the change and its interval; exact counters must match
-(`changed`). While some test is unknown, pairs are added up to --max-pairs; the error rate is split over the looks.
+(`changed`). While some test is unknown, pairs are added up to --max-pairs; the error rate is split over the looks. A pair
+in which a session's rounds kept waiting for a CPU (other processes took it) is left out and measured again, up to
+twice --max-pairs pairs in all.
 
 Exit status: 0 nothing got slower (or worse, or changed), 1 something did, 2 bad input.
 """
@@ -98,6 +100,11 @@ class Session:
     log: Path
     cpu_s: float = 0.0
 
+    @property
+    def disturbed(self) -> bool:
+        """Some test's round kept waiting for a CPU after its retries: other processes took this session's CPU."""
+        return self.results is not None and any(o.measurement.info.get("still_disturbed") for o in self.results.outcomes)
+
 
 @dataclass
 class Run:
@@ -115,6 +122,10 @@ class Run:
             by_pair.setdefault(s.pair, {})[s.side] = s
         return [(p["base"], p["head"]) for _, p in sorted(by_pair.items()) if len(p) == 2]
 
+    def usable(self) -> list[tuple[Session, Session]]:
+        """The pairs neither of whose sessions was disturbed: the samples (a disturbed pair is replaced)."""
+        return [(b, h) for b, h in self.pairs() if not (b.disturbed or h.disturbed)]
+
 
 def tests_of(session: Session) -> dict[str, tuple[Measurement, dict[str, float]]]:
     """test id -> (measurement, thresholds) for the tests of a session that produced a measurement."""
@@ -126,8 +137,8 @@ def tests_of(session: Session) -> dict[str, tuple[Measurement, dict[str, float]]
 
 def verdicts(run: Run, alpha: float, seed: int = 0, pairs: list[tuple[Session, Session]] | None = None
              ) -> tuple[list[Judgement], list[str], list[str]]:
-    """(test verdicts, tests only on base, tests only on head) from the given pairs (default: all so far)."""
-    pairs = run.pairs() if pairs is None else pairs
+    """(test verdicts, tests only on base, tests only on head) from the given pairs (default: the usable ones)."""
+    pairs = run.usable() if pairs is None else pairs
     base = [tests_of(b) for b, _ in pairs]
     head = [tests_of(h) for _, h in pairs]
     on_base = set().union(*base) if base else set()
@@ -241,6 +252,11 @@ class Plan:
     alpha: float = ALPHA
 
     @property
+    def most_measured(self) -> int:
+        """Pairs measured at most, disturbed ones included: a disturbed pair is replaced, but not without end."""
+        return 2 * self.max_pairs
+
+    @property
     def looks(self) -> int:
         return 1 + -(-(self.max_pairs - self.pairs) // self.step)
 
@@ -272,7 +288,7 @@ def run_pairs(runner: Runner, plan: Plan, run: Run, progress) -> list[Judgement]
     start = time.monotonic()
 
     def judge(n: int) -> list[Judgement]:
-        while len(run.orders) < n:
+        while len(run.usable()) < n and len(run.orders) < plan.most_measured:
             pair = len(run.orders)
             order = plan.order_of(pair, rng)
             run.orders.append(order)
@@ -282,9 +298,10 @@ def run_pairs(runner: Runner, plan: Plan, run: Run, progress) -> list[Judgement]
                 if session.results is None:
                     raise KVConfigError(f"the {side} session wrote no results (pytest exit {session.returncode}): "
                                         f"{_tail(session.log)}")
-            done, elapsed = pair + 1, time.monotonic() - start
-            progress(f"pair {done}/{n} (max {plan.max_pairs}) done in {elapsed:.0f} s; "
-                     f"ETA {elapsed / done * (n - done):.0f} s")
+            done, usable, elapsed = pair + 1, len(run.usable()), time.monotonic() - start
+            left = f"; {done - usable} disturbed by other processes, replaced" if done > usable else ""
+            progress(f"pair {done} done ({usable}/{n} usable, max {plan.max_pairs}{left}) in {elapsed:.0f} s; "
+                     f"ETA {elapsed / done * max(n - usable, 0):.0f} s")
         tests = verdicts(run, plan.alpha_per_look, plan.seed)[0]
         unknown = sum(t.word == UNKNOWN for t in tests)
         if unknown and n < plan.max_pairs:
@@ -317,7 +334,9 @@ def report(run: Run, tests: list[Judgement], only_base: list[str], only_head: li
     cpus = sorted({c for s in run.sessions if s.results for o in s.results.outcomes
                    for c in o.measurement.info.get("cpus", []) if c is not None})
     orders = " ".join("".join(side[0].upper() for side in order) for order in run.orders)
-    intro = (f"{len(tests)} tests: {summary or 'none'}. {len(run.pairs())} pairs of sessions "
+    disturbed = len(run.pairs()) - len(run.usable())
+    left_out = f" ({disturbed} more were disturbed by other processes and left out)" if disturbed else ""
+    intro = (f"{len(tests)} tests: {summary or 'none'}. {len(run.usable())} pairs of sessions{left_out} "
              f"(`pytest {' '.join(run.pytest_args)}`), order {plan.order} (seed {plan.seed}): {orders}; "
              f"CPUs {cpus or 'not pinned'}. Thresholds are each test's; a verdict other than unknown needs >= "
              f"{min_pairs(plan.alpha_per_look)} pairs (error rate {plan.alpha:g} per test over its metrics and "
@@ -349,7 +368,8 @@ def summary_json(run: Run, tests: list[Judgement], plan: Plan) -> dict:
                  "seed": plan.seed, "alpha": plan.alpha, "looks": plan.looks},
         "orders": run.orders,
         "sessions": [{"side": s.side, "pair": s.pair, "returncode": s.returncode, "seconds": round(s.seconds, 2),
-                      "cpu_s": round(s.cpu_s, 2), "log": s.log.name} for s in run.sessions],
+                      "cpu_s": round(s.cpu_s, 2), "disturbed": s.disturbed, "log": s.log.name}
+                     for s in run.sessions],
         "tests": [{"test_id": t.test_id, "verdict": t.word, "pairs": t.pairs,
                    "metrics": {v.metric: {"verdict": word(v), "change": v.change, "low": v.low, "high": v.high,
                                           "detail": v.detail} for v in t.verdicts}} for t in tests],

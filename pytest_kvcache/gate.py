@@ -5,8 +5,9 @@ per-test thresholds.
 A time or rate metric regresses only when its change is above the threshold AND significant (the interval of the
 ratio excludes 1); it is unchanged when the whole interval lies within +-threshold, unknown otherwise. Exact
 counters must match exactly; memory, counts and scores compare against a tolerance. Another configuration (hash)
-makes every metric "not comparable"; another machine fingerprint, or a calibration ratio outside
-CALIBRATION_RANGE, makes the machine-dependent metrics "not comparable" instead of passing or failing them.
+makes every metric "not comparable"; another machine fingerprint, rounds that other processes kept waiting for a
+CPU (bench.py), or a calibration ratio outside CALIBRATION_RANGE make the machine-dependent metrics "not
+comparable" instead of passing or failing them.
 """
 
 from __future__ import annotations
@@ -109,6 +110,11 @@ def machine_reason(baseline: Measurement, current: Measurement) -> tuple[str | N
     diff = fingerprint_mismatch(baseline.machine, current.machine)
     if diff:
         return f"baseline from another machine ({'; '.join(diff)})", 1.0
+    disturbed = {side: m.info.get("still_disturbed", 0) for side, m in (("baseline", baseline), ("now", current))}
+    if any(disturbed.values()):
+        counts = ", ".join(f"{n} of the {side} rounds" if side == "baseline" else f"{n} now"
+                           for side, n in disturbed.items() if n)
+        return f"other processes took this CPU during rounds ({counts}): timings disturbed", 1.0
     if baseline.calibration_s is None or current.calibration_s is None:
         return None, 1.0
     scale = baseline.calibration_s / current.calibration_s

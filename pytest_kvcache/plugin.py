@@ -473,6 +473,11 @@ def _update_baselines(kv: KVSession) -> None:
         if o.nodeid in kv.passed and o.error is None:
             m = _without_timing(o.measurement) if kv.shared_cores else o.measurement
             by_suite.setdefault(m.suite, []).append(m)
+    disturbed = [m.test_id for ms in by_suite.values() for m in ms if m.info.get("still_disturbed")]
+    if disturbed:
+        kv.warnings.append(f"{len(disturbed)} tests were recorded with rounds that other processes kept waiting for "
+                           f"the CPU ({', '.join(disturbed[:3])}{', ...' if len(disturbed) > 3 else ''}): their time "
+                           "metrics stay 'not comparable' until recorded again on a quieter machine")
     if kv.shared_cores and by_suite:
         kv.warnings.append(f"{kv.workers} xdist workers share {len(kv.cpus_allowed)} CPUs: their timings "
                            "contend, so time and rate metrics were NOT recorded as baselines; record those without -n")

@@ -87,6 +87,8 @@ def not_comparable_advice(outcome: Outcome) -> str | None:
                "default options")
     elif why.startswith("baseline from another machine"):
         fix = "record baselines on this machine type with --kv-update-baselines, or use `kvbench compare`"
+    elif why.startswith("other processes took this CPU"):
+        fix = "the machine is busy: rerun when it is quieter, or use `kvbench compare`, which measures both trees now"
     else:
         fix = "the machine's speed changed too much since the baseline: rerun on a quieter machine or use " \
               "`kvbench compare`"

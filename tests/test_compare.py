@@ -16,10 +16,10 @@ MACHINE = {"cpu": "test cpu"}
 SPREAD = [1.0, 1.02, 0.99, 1.01, 1.0, 1.03, 0.98, 1.01, 1.0, 1.02]
 
 
-def session(side, pair, tests):
+def session(side, pair, tests, disturbed=False):
     """A session whose results hold `tests`: test id -> metrics."""
-    outcomes = [Outcome(f"suite.py::{t}", Measurement(t, "suite", {"rounds": 1}, metrics, 0.01, MACHINE,
-                                                      {"cpus": [1]}), [])
+    info = {"cpus": [1], "still_disturbed": int(disturbed)}
+    outcomes = [Outcome(f"suite.py::{t}", Measurement(t, "suite", {"rounds": 1}, metrics, 0.01, MACHINE, info), [])
                 for t, metrics in tests.items()]
     return Session(side, pair, Results("", MACHINE, "cpu-x86_64", {}, outcomes), 0, 1.0, Path(f"pair{pair}-{side}.log"))
 
@@ -49,6 +49,19 @@ def test_pairs_give_same_slower_changed_added_and_removed():
     slow = next(t for t in tests if t.test_id == "test_slow")
     assert slow.deciding.metric == "tpot_ms" and slow.deciding.change == pytest.approx(0.25)
     assert slow.deciding.low > 1.0 and slow.pairs == 10
+
+
+def test_disturbed_pairs_are_left_out():
+    """A pair in which a session kept waiting for its CPU is no sample: a 3x outlier there changes nothing."""
+    run = run_of(lambda i: {"test_a": {"tpot_ms": [10 * SPREAD[i]]}}, lambda i: {"test_a": {"tpot_ms": [10 * SPREAD[i]]}})
+    run.orders.append(["base", "head"])
+    run.sessions += [session("base", 10, {"test_a": {"tpot_ms": [10.0]}}),
+                     session("head", 10, {"test_a": {"tpot_ms": [30.0]}}, disturbed=True)]
+    assert len(run.pairs()) == 11 and len(run.usable()) == 10
+    tests, _, _ = verdicts(run, 0.01)
+    assert tests[0].word == "same" and tests[0].pairs == 10
+    text = report(run, tests, [], [], Plan(10, 10, 4, "random", 0), "simple")
+    assert "10 pairs of sessions (1 more were disturbed by other processes and left out)" in text
 
 
 def test_report_names_order_cpus_verdicts_and_notes():

@@ -111,6 +111,17 @@ def test_another_machine_makes_time_metrics_not_comparable():
     assert verdicts["kv_peak_bytes"].status == UNCHANGED
 
 
+def test_disturbed_rounds_make_time_metrics_not_comparable():
+    """Rounds that other processes kept waiting for the CPU say nothing about the code; counters still count."""
+    base = m({"ttft_ms": BASE, "kv_tokens_evicted": [5]})
+    current = m({"ttft_ms": scaled(BASE, 3.0), "kv_tokens_evicted": [6]})
+    current.info["still_disturbed"] = 2
+    verdicts = {v.metric: v for v in gate(base, current)}
+    assert verdicts["ttft_ms"].status == NOT_COMPARABLE
+    assert verdicts["ttft_ms"].detail == "other processes took this CPU during rounds (2 now): timings disturbed"
+    assert verdicts["kv_tokens_evicted"].status == REGRESSED
+
+
 def test_another_configuration_is_never_compared():
     """Another trace, rounds or worker count: every metric not comparable, with the keys that differ."""
     base = m({"ttft_ms": BASE, "kv_tokens_evicted": [5]}, config={"rounds": 3, "trace": {"seed": 1}})
