@@ -55,14 +55,17 @@ def _plot(series: dict[str, list[tuple[float, float]]], ylabel: str, title: str,
 PLOTS = [
     ("test_memory", "kv_peak_bytes", "peak resident KV (bytes)", "KV memory vs budget"),
     ("test_throughput", "output_throughput", "output tok/s", "Throughput under a KV memory limit"),
-    ("test_quality", "passkey_accuracy", "passkey accuracy", "Passkey retrieval vs budget (SmolLM2)"),
-    ("test_quality", "token_agreement", "greedy agreement with full", "Agreement with the full cache vs budget"),
-    ("test_quality", "perplexity_ratio", "perplexity / full", "Perplexity ratio vs budget"),
+    ("test_quality", "top1_agreement", "teacher-forced top-1 agreement with full",
+     "Agreement with the full cache vs budget (SmolLM2)"),
+    ("test_quality", "kl_divergence", "KL(full || strategy), nats", "KL divergence vs budget (SmolLM2)"),
+    ("test_quality", "perplexity_ratio", "perplexity / full", "Perplexity ratio vs budget (SmolLM2)"),
 ]
 
 TABLE = [("ttft_ms", "TTFT p50 ms"), ("tpot_ms", "TPOT p50 ms"), ("output_throughput", "out tok/s"),
          ("kv_peak_bytes", "KV peak B"), ("kv_bytes_to_device", "to device B"), ("preemptions", "preempt"),
-         ("token_agreement", "agreement"), ("perplexity_ratio", "ppl ratio"), ("passkey_accuracy", "passkey")]
+         ("top1_agreement", "top-1 agr."), ("kl_divergence", "KL"), ("perplexity_ratio", "ppl ratio"),
+         ("passkey_accuracy", "passkey"), ("needle_accuracy", "needle"), ("multikey_accuracy", "multi-key"),
+         ("vartrack_accuracy", "var. tracking")]
 
 
 def write_report(measurements: list[Measurement], out: Path, source: str) -> Path:

@@ -1,4 +1,5 @@
-"""Fixtures suites use: kv_model, kv_strategy, request_trace, memory_watcher, kv_bench and kv_quality.
+"""Fixtures suites use: kv_model, kv_strategy, request_trace, memory_watcher and kv_bench (kv_quality and
+kv_retrieval live in quality_fixture.py).
 
 Heavy modules (torch, transformers, the engines) are imported when a fixture first runs, not with this module.
 """
@@ -187,65 +188,3 @@ class KVBench:
 def kv_bench(request: pytest.FixtureRequest, benchmark) -> KVBench:
     """kv_bench(trace, model, strategy, kv_limit_bytes=...) -> Measurement; fails the test on a regression."""
     return KVBench(request, benchmark)
-
-
-class KVQuality:
-    """Measures a strategy's output quality against the full cache on real weights, then gates it."""
-
-    def __init__(self, request: pytest.FixtureRequest) -> None:
-        self.request = request
-        self.session = kv_session(request.config)
-        self.session.start()
-
-    def _reference(self, model: LoadedModel, key: str, compute):
-        cache = self.session.models.setdefault(("quality-reference", model.name), {})
-        if key not in cache:
-            cache[key] = compute()
-        return cache[key]
-
-    def __call__(self, model: LoadedModel, strategy: KVStrategy | str, *, ppl_tokens: int = 192,
-                 ppl_prefill: int = 32) -> Measurement:
-        import torch
-
-        from pytest_kvcache import quality
-        from pytest_kvcache.strategies import parse_strategy
-
-        strategy = parse_strategy(strategy)
-        agree_trace = quality.agreement_trace(model)
-        passkey_trace = quality.passkey_trace(model)
-        text = quality.text_tokens(model, ppl_tokens)
-        reference = self._reference(model, "agreement", lambda: quality.generate(model, "full", agree_trace))
-        full_ppl = self._reference(model, f"ppl{ppl_tokens}/{ppl_prefill}",
-                                   lambda: quality.perplexity(model, "full", text, ppl_prefill))
-        agreement = quality.token_agreement(reference, quality.generate(model, strategy, agree_trace))
-        ppl = quality.perplexity(model, strategy, text, ppl_prefill)
-        cases = quality.passkey(model, strategy, passkey_trace)
-        config = {
-            "model": model.name,
-            "strategy": strategy.label(),
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads(),
-            "ppl_tokens": ppl_tokens,
-            "ppl_prefill": ppl_prefill,
-            "passkey_prompt_tokens": [len(r.prompt_ids) for r in passkey_trace.requests],
-        }
-        info = {
-            "perplexity": ppl,
-            "perplexity_full": full_ppl,
-            "passkey": [{"depth": c.depth, "key": c.key, "answer": c.answer, "correct": c.correct} for c in cases],
-        }
-        metrics = {
-            "token_agreement": [agreement],
-            "perplexity_ratio": [ppl / full_ppl],
-            "passkey_accuracy": [sum(c.correct for c in cases) / len(cases)],
-        }
-        test_id, suite = _node(self.request)
-        measurement = Measurement(test_id, suite, config, metrics, None, self.session.machine(), info)
-        self.session.record(self.request.node, measurement)
-        return measurement
-
-
-@pytest.fixture
-def kv_quality(request: pytest.FixtureRequest) -> KVQuality:
-    """kv_quality(model, strategy) -> Measurement of token agreement, perplexity ratio and passkey accuracy."""
-    return KVQuality(request)

@@ -21,9 +21,12 @@ SUMMARY_COLUMNS = [("TTFT p50 ms", "ttft_ms", 1, 1), ("TPOT p50 ms", "tpot_ms", 
                    ("out tok/s", "output_throughput", 1, 1), ("CPU ms/tok", "cpu_ms_per_token", 1, 2),
                    ("KV peak MiB", "kv_peak_bytes", MIB, 2), ("evicted tok", "kv_tokens_evicted", 1, 0),
                    ("preempt", "preemptions", 1, 0)]
+QUALITY_SUITES = ("test_quality", "test_retrieval")
 SUMMARY_HEADERS = ["test", *(title for title, *_ in SUMMARY_COLUMNS), "verdict"]
-QUALITY_COLUMNS = [("token agreement", "token_agreement", 1, 3), ("perplexity ratio", "perplexity_ratio", 1, 3),
-                   ("passkey accuracy", "passkey_accuracy", 1, 2)]
+QUALITY_COLUMNS = [("top-1 agreement", "top1_agreement", 1, 3), ("KL nats", "kl_divergence", 1, 4),
+                   ("perplexity ratio", "perplexity_ratio", 1, 3), ("passkey", "passkey_accuracy", 1, 2),
+                   ("needle", "needle_accuracy", 1, 2), ("multi-key", "multikey_accuracy", 1, 2),
+                   ("var. tracking", "vartrack_accuracy", 1, 2)]
 
 
 def _table(outcomes: list[Outcome], columns: list, fmt: str) -> str:
@@ -35,8 +38,8 @@ def _table(outcomes: list[Outcome], columns: list, fmt: str) -> str:
 
 def tables(outcomes: list[Outcome], fmt: str = "simple") -> str:
     """The serving table and, when quality was measured, the quality table: one row per test."""
-    quality = [o for o in outcomes if "token_agreement" in o.measurement.metrics]
-    serving = [o for o in outcomes if "token_agreement" not in o.measurement.metrics]
+    quality = [o for o in outcomes if o.measurement.suite in QUALITY_SUITES]
+    serving = [o for o in outcomes if o.measurement.suite not in QUALITY_SUITES]
     parts = [_table(serving, SUMMARY_COLUMNS, fmt)] if serving else []
     if quality:
         parts.append(_table(quality, QUALITY_COLUMNS, fmt))

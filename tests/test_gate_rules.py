@@ -160,10 +160,10 @@ def test_memory_is_not_scaled_by_calibration():
 
 def test_scores_use_an_absolute_tolerance():
     """Token agreement may drop 0.02 at most; perplexity ratio may rise 0.02 at most; KL is lower-is-better."""
-    assert one("token_agreement", [0.95], [0.94]).status == UNCHANGED
-    v = one("token_agreement", [0.95], [0.90])
+    assert one("top1_agreement", [0.95], [0.94]).status == UNCHANGED
+    v = one("top1_agreement", [0.95], [0.90])
     assert v.status == REGRESSED and "absolute change -0.05" in v.detail
-    assert one("token_agreement", [0.90], [0.95]).status == IMPROVED
+    assert one("top1_agreement", [0.90], [0.95]).status == IMPROVED
     assert one("perplexity_ratio", [1.00], [1.05]).status == REGRESSED
     assert one("kl_divergence", [0.10], [0.12]).status == REGRESSED
     assert one("passkey_accuracy", [1.0], [0.9]).status == REGRESSED

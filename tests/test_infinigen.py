@@ -2,6 +2,9 @@
 speculation selects everything. References are plain torch written here."""
 
 import math
+from dataclasses import replace
+from importlib.resources import files
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -188,3 +191,17 @@ def test_bad_parameters(spec):
     assert "\n" not in message and spec.split(":")[1].split("=")[0] in message
     if spec == "infinigen:budget=1.0":
         assert "infinigen:fetch_all=1" in message, "the refusal names the mode that fetches everything"
+
+
+def test_warm_up_text_is_real_prose_for_real_models(tiny):
+    """Random-weight models warm up on seeded ids; a model with a tokenizer reads the shipped warm-up text."""
+    length = min(infinigen.WARMUP_TOKENS, tiny.config.max_position_embeddings)
+    assert infinigen.warmup_ids(tiny) == infinigen.warmup_ids(tiny) and len(infinigen.warmup_ids(tiny)) == length
+
+    class Tokenizer:
+        def __call__(self, text):
+            return SimpleNamespace(input_ids=[len(word) for word in text.split()])
+
+    real = replace(tiny, tokenizer=Tokenizer())
+    text = (files("pytest_kvcache") / infinigen.WARMUP_TEXT).read_text()
+    assert infinigen.warmup_ids(real) == [len(word) for word in text.split()][:length]
