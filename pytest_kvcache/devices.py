@@ -1,6 +1,6 @@
 """Which GPU a pytest-xdist worker measures on: one worker per visible GPU, chosen before CUDA starts.
 
-`pytest suites/ --gpu -n auto` starts one worker per GPU (see plugin.py); each worker keeps only its own GPU in
+`pytest suites/ --gpu -n auto` starts one worker per GPU (plugin.py: pytest_xdist_auto_num_workers); each worker keeps only its own GPU in
 CUDA_VISIBLE_DEVICES before anything initialises CUDA, so two workers never share a GPU and every worker's
 `cuda:0` is a different physical device.
 """

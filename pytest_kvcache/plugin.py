@@ -270,11 +270,28 @@ def kv_session(config: pytest.Config) -> KVSession:
     return config.stash[SESSION]
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto` with --gpu: one worker per visible GPU (NVML counts them without initialising CUDA)."""
+    if not config.getoption("gpu"):
+        return None
+    from pytest_kvcache.devices import visible_gpus
+
+    return max(1, len(visible_gpus()))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for line in MARKERS.values():
         config.addinivalue_line("markers", line)
     device = "cpu"
     if config.getoption("gpu"):
+        if _is_worker(config):
+            from pytest_kvcache.devices import pin_worker
+
+            try:  # before anything initialises CUDA: this worker's cuda:0 is its own GPU
+                pin_worker(config.workerinput["workerid"])
+            except KVConfigError as e:
+                raise pytest.UsageError(str(e)) from None
         import torch
 
         if not torch.cuda.is_available():

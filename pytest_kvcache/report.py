@@ -36,13 +36,31 @@ def _table(outcomes: list[Outcome], columns: list, fmt: str) -> str:
                     disable_numparse=True)
 
 
+def _speeds(serving: list[Outcome]) -> dict[tuple, str]:
+    """(model, strategy) -> the median TPOT of the first serving test of that pair in this session."""
+    speeds: dict[tuple, str] = {}
+    for o in serving:
+        key = (o.measurement.config.get("model"), o.measurement.config.get("strategy"))
+        if o.measurement.metrics.get("tpot_ms"):
+            speeds.setdefault(key, _value(o.measurement, "tpot_ms", 1, 2))
+    return speeds
+
+
 def tables(outcomes: list[Outcome], fmt: str = "simple") -> str:
-    """The serving table and, when quality was measured, the quality table: one row per test."""
+    """The serving table and, when quality was measured, the quality table: one row per test, each strategy's
+    quality beside its speed (TPOT of a serving test of the same model and strategy in this session, if any)."""
     quality = [o for o in outcomes if o.measurement.suite in QUALITY_SUITES]
     serving = [o for o in outcomes if o.measurement.suite not in QUALITY_SUITES]
     parts = [_table(serving, SUMMARY_COLUMNS, fmt)] if serving else []
     if quality:
-        parts.append(_table(quality, QUALITY_COLUMNS, fmt))
+        columns = [c for c in QUALITY_COLUMNS if any(o.measurement.metrics.get(c[1]) for o in quality)]
+        speeds = _speeds(serving)
+        rows = [[o.measurement.test_id] + [_value(o.measurement, name, scale, digits) for _, name, scale, digits in
+                                           columns]
+                + [speeds.get((o.measurement.config.get("model"), o.measurement.config.get("strategy")), "-"),
+                   o.status] for o in quality]
+        parts.append(tabulate(rows, headers=["test", *(title for title, *_ in columns), "TPOT p50 ms", "verdict"],
+                              tablefmt=fmt, disable_numparse=True))
     return "\n\n".join(parts)
 
 

@@ -1,11 +1,14 @@
 """GPU assignment for pytest-xdist workers, on a simulated device list (no GPU needed)."""
 
+import os
 import re
+from types import SimpleNamespace
 
 import pytest
 
 from pytest_kvcache.devices import assign_gpu, pin_worker, visible_gpus, worker_index
 from pytest_kvcache.errors import KVConfigError
+from pytest_kvcache.plugin import pytest_configure, pytest_xdist_auto_num_workers
 
 
 def test_each_worker_gets_its_own_gpu_from_the_visible_list():
@@ -32,3 +35,37 @@ def test_more_workers_than_gpus_is_a_one_line_error(worker, gpus, words):
         assign_gpu(worker, gpus)
     assert "\n" not in str(info.value)
     assert worker_index("gw11") == 11
+
+
+
+class GpuWorkerConfig(SimpleNamespace):
+    """Just what pytest_configure reads before the CUDA check, for a --gpu xdist worker."""
+
+    def getoption(self, name):
+        return name == "gpu"
+
+    def addinivalue_line(self, name, line):
+        pass
+
+
+def test_auto_workers_are_one_per_visible_gpu_and_only_with_gpu(monkeypatch):
+    """`-n auto --gpu` asks the plugin, which counts the visible GPUs; without --gpu xdist decides (CPUs)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,4")
+    assert pytest_xdist_auto_num_workers(GpuWorkerConfig()) == 2
+    assert pytest_xdist_auto_num_workers(SimpleNamespace(getoption=lambda name: False)) is None
+
+
+def test_a_gpu_worker_is_pinned_before_cuda_is_asked_for(monkeypatch):
+    """A --gpu xdist worker keeps only its own GPU visible before torch is asked for CUDA (none exists here, so
+    the session then stops on the missing device); a worker with no GPU of its own is a usage error."""
+    import torch
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: seen.append(os.environ["CUDA_VISIBLE_DEVICES"]) or False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    with pytest.raises(pytest.UsageError, match="no CUDA device is visible"):
+        pytest_configure(GpuWorkerConfig(workerinput={"workerid": "gw1"}))
+    assert seen == ["7"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6")
+    with pytest.raises(pytest.UsageError, match="worker gw1 has no GPU of its own"):
+        pytest_configure(GpuWorkerConfig(workerinput={"workerid": "gw1"}))

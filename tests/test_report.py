@@ -62,3 +62,18 @@ def test_not_comparable_advice_says_what_to_do():
     assert advice.startswith("test_a: every metric not comparable: configuration differs (rounds: None -> 5); ")
     assert "--kv-replace-baselines" in advice
     assert not_comparable_advice(outcome("test_b", BASE)) is None
+
+
+def test_quality_table_puts_each_strategy_beside_its_speed():
+    """A quality row shows the TPOT of a serving test of the same model and strategy from the same session."""
+    config = {"model": "smollm2", "strategy": "h2o:budget=0.5"}
+    serving = Outcome("suites/test_latency.py::t", Measurement("t", "test_latency", config, {"tpot_ms": [4.0, 5.0, 6.0]},
+                                                               0.01, MACHINE), [])
+    scored = Measurement("q", "test_quality", config, {"top1_agreement": [0.9], "kl_divergence": [0.05]}, None)
+    other = Measurement("r", "test_quality", {"model": "smollm2", "strategy": "full"}, {"top1_agreement": [1.0]}, None)
+    lines = tables([serving, Outcome("q", scored, []), Outcome("r", other, [])]).split("\n\n")[1].splitlines()
+    assert "TPOT p50 ms" in lines[0]
+    assert "passkey" not in lines[0]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert rows["q"][1:4] == ["0.900", "0.0500", "5.00"]
+    assert rows["r"][1:4] == ["1.000", "-", "-"]
