@@ -9,7 +9,6 @@ recomputes attention over the whole sequence every step), at a shape close to th
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -20,6 +19,7 @@ import torch
 
 from pytest_kvcache.engines.hf import HFEngine
 from pytest_kvcache.models import load_model
+from pytest_kvcache.results import write_json_atomic
 from pytest_kvcache.strategies import parse_strategy
 from pytest_kvcache.traces import Request, Trace
 
@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on CPU (default: 1; two threads thrash on a busy 2-core machine)")
     parser.add_argument("--out", required=True, help="output path without suffix (.json and .md are written)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if not args.force and any(out.with_suffix(x).exists() for x in (".json", ".md")):
+        parser.error(f"{out.with_suffix('.json')} exists: pass --force to overwrite it")
     if args.gpu and not torch.cuda.is_available():
         print("cache_speedup.py --gpu needs a CUDA device", file=sys.stderr)
         return 2
@@ -67,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "new_tokens": args.new_tokens, "rows": rows, "none_over_full": none["seconds"] / full["seconds"],
         "same_tokens": full["tokens"] == none["tokens"],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    write_json_atomic(out.with_suffix(".json"), report)
     table = "\n".join([
         f"# What a KV cache buys: {name} on {report['device']} ({report['dtype']})", "",
         f"`{report['command']}` ({report['created']}): one request, {args.prompt_len} prompt tokens, "
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         *[f"| {r['strategy']} | {r['seconds']:.2f} | {args.new_tokens / r['seconds']:.1f} |" for r in rows], "",
         f"none / full = {report['none_over_full']:.2f}x; same greedy tokens: {report['same_tokens']}", "",
     ])
-    out.with_suffix(".md").write_text(table)
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text(table)
+    tmp.replace(out.with_suffix(".md"))
     print(table)
     return 0
 

@@ -35,7 +35,7 @@ from pytest_kvcache.results import (
 )
 from pytest_kvcache.traces import TraceError, load_jsonl
 
-KV_FIXTURES = ("kv_bench", "kv_quality")
+KV_FIXTURES = ("kv_bench", "kv_quality", "kv_retrieval")
 MARKERS = {
     "gpu": "gpu: needs a CUDA device; runs only with --gpu",
     "quality": "quality: measures output quality on real weights (slow on CPU)",

@@ -365,3 +365,21 @@ def test_bad_input_with_update_leaves_baselines_byte_identical(suite, dirs, args
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")] == ["test_kvsuite.json"]
     assert not dirs[1].exists()
+
+
+@pytest.mark.parametrize("fixture", ["kv_bench", "kv_quality", "kv_retrieval"])
+def test_every_kv_fixture_has_its_baselines_checked_before_any_test(pytester, dirs, fixture):
+    """A suite measured by any kv fixture gets its baselines validated at collection: an older-format file stops the
+    session (exit 4) before the test body runs, and the file is left as it was."""
+    pytester.makepyfile(test_kvsuite=f"""
+        def test_x({fixture}):
+            raise AssertionError("the session should have stopped before this test")
+    """)
+    path = baseline_file(dirs)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"format": 1, "entries": {}}))
+    before = path.read_bytes()
+    result = run(pytester, dirs)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*is a format-1 baselines file*"])
+    assert path.read_bytes() == before
