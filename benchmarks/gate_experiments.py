@@ -260,6 +260,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                  "compares": len(judged), "pairs_per_compare": [n for n, _ in judged], "verdicts": len(words),
                  "counts": counts, "slower_share": slower / len(words) if words else math.nan,
                  "log_ratio_sd": sd}
+        if args.thorough_trials and len(pairs) >= 2:  # too few blocks for disjoint groups: bootstrap the same plan
+            entry["resampled_slower_share"] = {n: resampled_power(pairs, n, args.thorough_trials, plan.alpha, seed=n)
+                                               for n in (plan.pairs, plan.max_pairs)}
         report["comparisons"][head] = entry
         rows.append(entry)
     if "S05" in sessions and args.thorough_trials:
@@ -294,6 +297,15 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
               "|---|" + "---|" * len(next(iter(report["comparisons"].values()))["log_ratio_sd"])]
     for head, e in report["comparisons"].items():
         lines.append(f"| {head} | " + " | ".join(f"{v:.3f}" for v in e["log_ratio_sd"].values()) + " |")
+    resampled = {h: e["resampled_slower_share"] for h, e in report["comparisons"].items()
+                 if "resampled_slower_share" in e}
+    if resampled:
+        sizes = list(next(iter(resampled.values())))
+        lines += ["", "Share of `slower` test verdicts of fixed-size compares whose pairs are drawn with replacement from "
+                  "each stream (a bootstrap: an estimate from few blocks, not independent compares):", "",
+                  "| comparison | " + " | ".join(f"{n} pairs" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+        lines += [f"| {report['comparisons'][h]['label']} ({h}) | " + " | ".join(f"{v[n]:.1%}" for n in sizes) + " |"
+                  for h, v in resampled.items()]
     if "power_5_percent_by_pairs" in report:
         note = ("Power at a planted 5% slowdown against the number of pairs (fixed-size compares of pairs drawn "
                 "with replacement from the S05 stream):")
