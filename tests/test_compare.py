@@ -154,7 +154,7 @@ def test_compare_finds_a_planted_slowdown_in_the_working_tree(repo, tmp_path, mo
     assert code == 1, capsys.readouterr()
     printed = capsys.readouterr()
     assert "test_tiny[tiny] slower" in " ".join(printed.out.split())
-    assert "pair 8/8 (max 8) done" in printed.err
+    assert "pair 8 done (8/8 usable, max 8)" in printed.err
     text = summary.read_text()
     assert text.startswith("# CI\n### kvbench compare: working tree vs main")
     assert "| test_tiny[tiny] | slower |" in " ".join(text.split()) and "- added (only on working tree): test_added[tiny]" in text
