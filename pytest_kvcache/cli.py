@@ -18,7 +18,7 @@ from pytest_kvcache.results import Outcome, load_results, parse_baselines
 from pytest_kvcache.traces import TraceSpec, load_jsonl, save_jsonl, synthetic
 
 SMOKE_PAIRS = (12, 20)  # initial and most pairs of a smoke compare (benchmarks/results/power.md)
-THOROUGH = (40, 80)  # --thorough: enough pairs for 80% power at a 5% slowdown (benchmarks/results/power.md)
+THOROUGH = (40, 80)  # --thorough: more pairs for small changes; measured power in benchmarks/results/power.md
 
 
 def _baseline_text(ref: str, machine_id: str, suite: str, baselines: str) -> tuple[str | None, str]:
