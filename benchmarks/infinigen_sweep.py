@@ -22,18 +22,18 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from pytest_kvcache import quality
+from pytest_kvcache.engines.hf import HFEngine
 from pytest_kvcache.models import load_model
 from pytest_kvcache.quality_fixture import QualityRun, TextSetup, text_result
 from pytest_kvcache.results import write_json_atomic
+from pytest_kvcache.strategies import parse_strategy
 
 
-def fetch_and_recall(run: QualityRun, label: str, setup: TextSetup) -> tuple[float, int]:
-    """(recall, K/V bytes copied to the device) of one label teacher-forced on the first window."""
-    from pytest_kvcache import quality
-
-    window = quality.text_windows(run.tokenize(quality.evaluation_text()), 1, setup.prefill + setup.continuation)[0]
-    engine = run._engine(label)
-    engine.teacher_forced(window, setup.prefill)
+def fetch_and_recall(model, label: str, window: list[int], prefill: int) -> tuple[float, int]:
+    """(recall, K/V bytes copied to the device) of one label teacher-forced on one window."""
+    engine = HFEngine(model, parse_strategy(label))
+    engine.teacher_forced(window, prefill)
     return engine.cache.recall(), engine.cache.counters.bytes_to_device
 
 
@@ -56,13 +56,15 @@ def main() -> int:
         [float(x) for x in args.alphas.split(",")], [float(x) for x in args.ratios.split(",")])]
     labels = {s: f"infinigen:budget={args.budget:g},alpha={s[0]:g},partial_ratio={s[1]:g},track_recall=0"
               for s in settings}
-    _, every = fetch_and_recall(run, "infinigen:fetch_all=1,track_recall=0", setup)
+    window = quality.text_windows(run.tokenize(quality.evaluation_text()), 1, setup.prefill + setup.continuation)[0]
+    _, every = fetch_and_recall(model, "infinigen:fetch_all=1,track_recall=0", window, setup.prefill)
     rows = []
     start = time.perf_counter()
     for i, (setting, label) in enumerate(labels.items(), 1):
         run.text_scores(setup, [label])
         _, metrics, _ = text_result(run, label, setup)
-        recall, copied = fetch_and_recall(run, label.replace("track_recall=0", "track_recall=1"), setup)
+        recall, copied = fetch_and_recall(model, label.replace("track_recall=0", "track_recall=1"), window,
+                                          setup.prefill)
         fetched = copied / every
         rows.append({"alpha": setting[0], "partial_ratio": setting[1], "label": label,
                      "perplexity_ratio": metrics["perplexity_ratio"][0], "kl_divergence": metrics["kl_divergence"][0],

@@ -29,20 +29,24 @@ QUALITY_COLUMNS = [("top-1 agreement", "top1_agreement", 1, 3), ("KL nats", "kl_
                    ("var. tracking", "vartrack_accuracy", 1, 2)]
 
 
-def _table(outcomes: list[Outcome], columns: list, fmt: str) -> str:
+def _table(outcomes: list[Outcome], columns: list, fmt: str, extra: tuple[str, dict] | None = None) -> str:
+    """One row per test: its metric columns, then `extra` (title, values by _pair) if given, then the verdict."""
     rows = [[o.measurement.test_id] + [_value(o.measurement, name, scale, digits) for _, name, scale, digits in columns]
-            + [o.status] for o in outcomes]
-    return tabulate(rows, headers=["test"] + [title for title, *_ in columns] + ["verdict"], tablefmt=fmt,
-                    disable_numparse=True)
+            + ([extra[1].get(_pair(o), "-")] if extra else []) + [o.status] for o in outcomes]
+    headers = ["test", *(title for title, *_ in columns), *([extra[0]] if extra else []), "verdict"]
+    return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
+
+
+def _pair(o: Outcome) -> tuple:
+    return o.measurement.config.get("model"), o.measurement.config.get("strategy")
 
 
 def _speeds(serving: list[Outcome]) -> dict[tuple, str]:
     """(model, strategy) -> the median TPOT of the first serving test of that pair in this session."""
     speeds: dict[tuple, str] = {}
     for o in serving:
-        key = (o.measurement.config.get("model"), o.measurement.config.get("strategy"))
         if o.measurement.metrics.get("tpot_ms"):
-            speeds.setdefault(key, _value(o.measurement, "tpot_ms", 1, 2))
+            speeds.setdefault(_pair(o), _value(o.measurement, "tpot_ms", 1, 2))
     return speeds
 
 
@@ -54,13 +58,7 @@ def tables(outcomes: list[Outcome], fmt: str = "simple") -> str:
     parts = [_table(serving, SUMMARY_COLUMNS, fmt)] if serving else []
     if quality:
         columns = [c for c in QUALITY_COLUMNS if any(o.measurement.metrics.get(c[1]) for o in quality)]
-        speeds = _speeds(serving)
-        rows = [[o.measurement.test_id] + [_value(o.measurement, name, scale, digits) for _, name, scale, digits in
-                                           columns]
-                + [speeds.get((o.measurement.config.get("model"), o.measurement.config.get("strategy")), "-"),
-                   o.status] for o in quality]
-        parts.append(tabulate(rows, headers=["test", *(title for title, *_ in columns), "TPOT p50 ms", "verdict"],
-                              tablefmt=fmt, disable_numparse=True))
+        parts.append(_table(quality, columns, fmt, ("TPOT p50 ms", _speeds(serving))))
     return "\n\n".join(parts)
 
 
