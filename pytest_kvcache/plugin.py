@@ -114,13 +114,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="baseline folder; files are DIR/<machine>/<suite>.json (default: <rootdir>/baselines)")
     group.addoption("--kv-update-baselines", action="store_true", default=False,
                     help="accept this run's numbers as the new baselines for the tests that passed (entries of "
-                         "the same configuration, new ones and unreadable ones), written at the end of the session "
-                         "(default: off, baselines are read-only)")
+                         "the same configuration, new ones and unreadable ones), written as each test passes, so an "
+                         "interrupted session keeps what it measured (default: off, baselines are read-only)")
     group.addoption("--kv-replace-baselines", action="store_true", default=False,
                     help="like --kv-update-baselines, and also replace entries recorded with another "
                          "configuration (default: off)")
     group.addoption("--kv-results", metavar="DIR", default=None,
-                    help="write every measurement and verdict of this run as JSON here (default: <rootdir>/results)")
+                    help="write every measurement and verdict of this run as JSON here, rewritten after each test "
+                         "(default: <rootdir>/results)")
     group.addoption("--kv-rounds", metavar="N", type=_positive_int, default=3,
                     help="timed replays of each trace after one warm-up (default: 3)")
     group.addoption("--kv-threads", metavar="N", type=_positive_int, default=None,
@@ -170,6 +171,10 @@ class KVSession:
     started: bool = False
     unreadable: dict[tuple[str, str], str] = field(default_factory=dict)
     older_files: list[str] = field(default_factory=list)
+    results_path: Path | None = None
+    saved: int = 0
+    baselined: int = 0
+    baselines_written: dict[Path, int] = field(default_factory=dict)
     cpus_allowed: list[int] = field(default_factory=lambda: sorted(os.sched_getaffinity(0))
                                     if hasattr(os, "sched_getaffinity") else [])
 
@@ -426,6 +431,9 @@ def pytest_testnodedown(node, error) -> None:
         session.outcomes.append(outcome_from_json(o, data["machine"], f"xdist worker outcome {i}"))
     session.passed.update(data["passed"])
     session.warnings += [w for w in data["warnings"] if w not in session.warnings]
+    session.baselined = len(session.outcomes)  # the worker wrote their baselines as its tests passed
+    for path, n in data.get("baselines_written", {}).items():
+        session.baselines_written[Path(path)] = session.baselines_written.get(Path(path), 0) + n
 
 
 def _session_facts(kv: KVSession) -> dict:
@@ -441,6 +449,35 @@ def _session_facts(kv: KVSession) -> dict:
     }
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """After each test: its baseline (when updating) and the session's results file so far, so a session that is
+    interrupted (a CI time limit, a kill) keeps every measurement it made."""
+    result = yield
+    config = item.config
+    if SESSION not in config.stash:
+        return result
+    kv = kv_session(config)
+    if kv.updating:
+        _update_baselines(kv, kv.outcomes[kv.baselined :])
+        kv.baselined = len(kv.outcomes)
+    if not _is_worker(config) and len(kv.outcomes) > kv.saved:
+        _write_results(kv, complete=False)
+    return result
+
+
+def _write_results(kv: KVSession, complete: bool) -> None:
+    """The session's results file (one path per session, rewritten atomically as tests finish) and latest.json."""
+    stamp = datetime.now(timezone.utc)
+    if kv.results_path is None:
+        kv.results_path = _unused_path(kv.results_dir, f"kvcache-{stamp:%Y%m%d-%H%M%S}")
+    facts = {**_session_facts(kv), "complete": complete}
+    results = Results(stamp.isoformat(timespec="seconds"), kv.machine(), kv.store.machine_id, facts, kv.outcomes)
+    write_json_atomic(kv.results_path, results.to_json())
+    write_json_atomic(kv.results_dir / "latest.json", results.to_json())
+    kv.saved = len(kv.outcomes)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if "pytest_kvcache.engines.vllm" in sys.modules:
         sys.modules["pytest_kvcache.engines.vllm"].shutdown_all()
@@ -448,6 +485,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if SESSION not in config.stash:
         return
     kv = kv_session(config)
+    if kv.updating:
+        _update_baselines(kv, kv.outcomes[kv.baselined :])
+        kv.baselined = len(kv.outcomes)
     if _is_worker(config):
         if kv.outcomes:
             config.workeroutput["kvcache"] = json.dumps({
@@ -455,19 +495,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 "outcomes": [o.to_json() for o in kv.outcomes],
                 "passed": sorted(kv.passed),
                 "warnings": kv.warnings,
+                "baselines_written": {str(path): n for path, n in kv.baselines_written.items()},
             })
         return
     if not kv.outcomes:
         return
-    stamp = datetime.now(timezone.utc)
-    results = Results(stamp.isoformat(timespec="seconds"), kv.machine(), kv.store.machine_id, _session_facts(kv),
-                      kv.outcomes)
-    path = _unused_path(kv.results_dir, f"kvcache-{stamp:%Y%m%d-%H%M%S}")
-    write_json_atomic(path, results.to_json())
-    write_json_atomic(kv.results_dir / "latest.json", results.to_json())
-    kv.warnings.insert(0, f"results written to {path}")
     if kv.updating:
-        _update_baselines(kv)
+        _baseline_summary(kv)
+    _write_results(kv, complete=True)
+    kv.warnings.insert(0, f"results written to {kv.results_path}")
 
 
 def _unused_path(folder: Path, stem: str) -> Path:
@@ -484,38 +520,46 @@ def _without_timing(m: Measurement) -> Measurement:
     return Measurement(m.test_id, m.suite, m.config, metrics, None, m.machine, m.info)
 
 
-def _update_baselines(kv: KVSession) -> None:
+def _update_baselines(kv: KVSession, outcomes: list[Outcome]) -> None:
+    """Write the passed tests among `outcomes` into their suites' baseline files (under the store's lock)."""
     by_suite: dict[str, list[Measurement]] = {}
-    for o in kv.outcomes:
+    for o in outcomes:
         if o.nodeid in kv.passed and o.error is None:
             m = _without_timing(o.measurement) if kv.shared_cores else o.measurement
             by_suite.setdefault(m.suite, []).append(m)
-    disturbed = [m.test_id for ms in by_suite.values() for m in ms if m.info.get("still_disturbed")]
-    if disturbed:
-        kv.warnings.append(f"{len(disturbed)} tests were recorded with rounds that other processes kept waiting for "
-                           f"the CPU ({', '.join(disturbed[:3])}{', ...' if len(disturbed) > 3 else ''}): their time "
-                           "metrics stay 'not comparable' until recorded again on a quieter machine")
-    if kv.shared_cores and by_suite:
-        kv.warnings.append(f"{kv.workers} xdist workers share {len(kv.cpus_allowed)} CPUs: their timings "
-                           "contend, so time and rate metrics were NOT recorded as baselines; record those without -n")
     replace = kv.config.getoption("kv_replace_baselines")
     for suite, measurements in sorted(by_suite.items()):
         try:
             report = kv.store.update(suite, measurements, kv.machine(), replace=replace)
         except FormatError as e:
-            kv.warnings.append(f"baselines NOT updated: {e}")
+            if f"baselines NOT updated: {e}" not in kv.warnings:
+                kv.warnings.append(f"baselines NOT updated: {e}")
             continue
-        if report.written:
-            kv.warnings.append(f"baselines updated: {report.path} ({len(report.written)} tests)")
+        kv.baselines_written[report.path] = kv.baselines_written.get(report.path, 0) + len(report.written)
         for test_id in report.replaced_unreadable:
             kv.warnings.append(f"replaced unreadable baseline {test_id} in {report.path}")
         if report.older_format:
-            kv.warnings.append(f"{report.path} was written in an older format: it now holds the "
-                               f"{len(report.written)} tests of this run only")
+            kv.warnings.append(f"{report.path} was written in an older format: it now holds this run's tests only")
         for test_id, diff in report.refused.items():
             kv.warnings.append(f"baseline {test_id} in {report.path} NOT updated: it was recorded with another "
                                f"configuration ({diff}); run with the suite's default options, or add "
                                "--kv-replace-baselines to replace it")
+
+
+def _baseline_summary(kv: KVSession) -> None:
+    """The session's lines about what the updates wrote and which timings they did not take."""
+    recorded = [o.measurement for o in kv.outcomes if o.nodeid in kv.passed and o.error is None]
+    disturbed = [m.test_id for m in recorded if m.info.get("still_disturbed")]
+    if disturbed:
+        kv.warnings.append(f"{len(disturbed)} tests were recorded with rounds that other processes kept waiting for "
+                           f"the CPU ({', '.join(disturbed[:3])}{', ...' if len(disturbed) > 3 else ''}): their time "
+                           "metrics stay 'not comparable' until recorded again on a quieter machine")
+    if kv.shared_cores and recorded:
+        kv.warnings.append(f"{kv.workers} xdist workers share {len(kv.cpus_allowed)} CPUs: their timings "
+                           "contend, so time and rate metrics were NOT recorded as baselines; record those without -n")
+    for path, written in sorted(kv.baselines_written.items()):
+        if written:
+            kv.warnings.append(f"baselines updated: {path} ({written} tests)")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

@@ -67,13 +67,13 @@ def dirs(pytester):
     return pytester.path / "baselines", pytester.path / "results"
 
 
-def run(pytester, dirs, *args, benchmark=False):
+def run(pytester, dirs, *args, benchmark=False, subprocess=False):
     baselines, results = dirs
     base = ["-p", "no:cacheprovider", "--kv-baselines", str(baselines), "--kv-results", str(results),
             "--kv-rounds", "2", "--kv-cpu", "off"]
     if not benchmark:
         base.append("--benchmark-disable")
-    return pytester.runpytest(*base, *args)
+    return (pytester.runpytest_subprocess if subprocess else pytester.runpytest)(*base, *args)
 
 
 def baseline_file(dirs):
@@ -166,6 +166,19 @@ def test_update_writes_baselines_and_next_run_passes(suite, dirs):
     assert set(rows.values()) <= {"unchanged", "improved"}, rows
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")] == ["test_kvsuite.json"]
+
+
+def test_a_killed_session_keeps_what_it_measured(suite, dirs):
+    """A session killed after its first test (a CI time limit) leaves that test's baseline and a results file
+    marked incomplete: both are written as each test finishes, not at the end."""
+    suite.makepyfile(test_zkill="import os, signal\n\ndef test_killed():\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    result = run(suite, dirs, "-k", "full or killed", "--kv-update-baselines", subprocess=True)
+    assert result.ret == -9, result.stdout.str()
+    assert sorted(json.loads(baseline_file(dirs).read_text())["entries"]) == [FULL]
+    latest = json.loads((dirs[1] / "latest.json").read_text())
+    assert [o["test_id"] for o in latest["outcomes"]] == [FULL] and latest["session"]["complete"] is False
+    (stamped,) = dirs[1].glob("kvcache-*.json")
+    assert json.loads(stamped.read_text()) == latest
 
 
 def test_claimed_faster_ttft_fails_exactly_that_test(suite, dirs):
@@ -332,10 +345,12 @@ def test_kvbench_diff_agrees_with_the_pytest_gate(suite, dirs, capsys):
     assert (FULL, "ttft_ms") in regressed_rows and not any(STREAMING in row for row in regressed_rows)
 
 
-def test_benchmark_json_holds_the_timed_rounds(suite, dirs, pytester):
+def test_benchmark_json_holds_the_timed_rounds(suite, dirs, pytester, monkeypatch):
     """pytest-benchmark's --benchmark-json gets one entry per kv_bench test with --kv-rounds rounds."""
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)  # under an outer -n, pytest-benchmark would leave the file to a controller
     out = pytester.path / "out.json"
-    result = run(suite, dirs, "-k", "full", "--benchmark-json", str(out), benchmark=True)
+    result = run(suite, dirs, "-k", "full", "--benchmark-json", str(out), benchmark=True, subprocess=True)
     result.assert_outcomes(passed=1)
     benchmarks = json.loads(out.read_text())["benchmarks"]
     assert [b["name"] for b in benchmarks] == [FULL]
