@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,9 @@ def _kv_models(pytestconfig: pytest.Config) -> dict:
 
 @pytest.fixture
 def kv_model(request: pytest.FixtureRequest, _kv_models: dict) -> LoadedModel:
-    """A loaded model, once per session per name: `tiny` (random Llama) by default, see --kv-model."""
+    """A loaded model, once per session per name: `tiny` (random Llama) by default, see --kv-model and --kv-dtype."""
+    import torch
+
     from pytest_kvcache.models import load_model
 
     session = kv_session(request.config)
@@ -40,7 +43,8 @@ def kv_model(request: pytest.FixtureRequest, _kv_models: dict) -> LoadedModel:
     name = getattr(request, "param", None) or (request.config.getoption("kv_model") or ["tiny"])[0]
     if name not in _kv_models:
         try:
-            _kv_models[name] = load_model(name, session.device)
+            dtype = request.config.getoption("kv_dtype")
+            _kv_models[name] = load_model(name, session.device, getattr(torch, dtype) if dtype else None)
         except KVMissingPackage as missing:
             pytest.skip(str(missing))
     return _kv_models[name]
@@ -159,8 +163,7 @@ class KVBench:
         device = self.session.device
         try:
             if engine is None:
-                kwargs = {"max_batch": max_batch, "kv_limit_bytes": kv_limit_bytes}
-                engine = cls(model, strategy, **kwargs)
+                engine = cls(model, strategy, max_batch=max_batch, kv_limit_bytes=kv_limit_bytes)
             bench = Bench(engine, trace, device, slo, self.session.pin, lambda: machine.calibrate(device))
             bench.warmup()
             self.benchmark.group = suite
@@ -168,14 +171,58 @@ class KVBench:
             while len(bench.rounds) < rounds:
                 bench.run_round()
         except KVOutOfMemory as e:
-            out_of_memory = str(e)
-        else:
-            out_of_memory = None
-        if out_of_memory is not None:
-            failed = Measurement(test_id, suite, config, {}, None, self.session.machine())
-            self.session.record_error(self.request.node, failed, out_of_memory, OUT_OF_MEMORY)
-            pytest.fail(out_of_memory, pytrace=False)
-        measurement = bench.measurement(test_id, suite, config, self.session.machine())
+            self._out_of_memory(config, str(e))
+        return self._record(bench.measurement(test_id, suite, config, self.session.machine()))
+
+    def capacity(self, trace_at: Callable[[float], Trace], model: LoadedModel, strategy: KVStrategy | str = "full",
+                 *, low: float, high: float, bisections: int = 3, max_batch: int = 32,
+                 kv_limit_bytes: int | None = None, slo: SLO = SLO(), extra_config: dict | None = None) -> Measurement:
+        """The highest request rate in [low, high] that meets `slo` (capacity.search), one replay per probed rate of
+        the same requests (`trace_at(rate)`), on one engine warmed up once; metric `capacity_rps`, probes in info."""
+        from pytest_kvcache import machine
+        from pytest_kvcache.bench import Bench, round_metrics
+        from pytest_kvcache.capacity import Probe, meets, search
+        from pytest_kvcache.strategies import parse_strategy
+
+        strategy = parse_strategy(strategy)
+        cls = self._engine_class(strategy)
+        base = trace_at(low)
+        plan = {"study": "capacity", "search": {"low": low, "high": high, "bisections": bisections, "percentile": 90}}
+        config = self.configuration(cls.__name__, base, model, strategy, max_batch, kv_limit_bytes, slo,
+                                    {**plan, **(extra_config or {})})
+        test_id, suite = _node(self.request)
+        device = self.session.device
+        calibrations = []
+
+        def probe(rate: float) -> Probe:
+            bench = Bench(engine, trace_at(rate), device, slo, self.session.pin)
+            bench.run_round()
+            summary = round_metrics(bench.rounds[0], slo, device)
+            ttft, tpot = summary.get("ttft_p90_ms", math.inf), summary.get("tpot_p90_ms", math.inf)
+            return Probe(rate, ttft, tpot, meets(slo, ttft, tpot))
+
+        try:
+            engine = cls(model, strategy, max_batch=max_batch, kv_limit_bytes=kv_limit_bytes)
+            Bench(engine, base, device, slo).warmup()
+            calibrations.append(machine.calibrate(device))
+            self.benchmark.group = suite  # pytest-benchmark times the whole search, once
+            found = self.benchmark.pedantic(search, args=(probe, low, high, bisections), rounds=1, iterations=1)
+            calibrations.append(machine.calibrate(device))
+        except KVOutOfMemory as e:
+            self._out_of_memory(config, str(e))
+        info = {"capacity_probes": [p.to_json() for p in found.probes], "capacity_censored": found.censored}
+        measurement = Measurement(test_id, suite, config, {"capacity_rps": [found.rate]},
+                                  sorted(calibrations)[len(calibrations) // 2], self.session.machine(), info)
+        return self._record(measurement)
+
+    def _out_of_memory(self, config: dict, message: str) -> None:
+        """Out of memory is a result: recorded in the results file and the summary, then the test fails."""
+        test_id, suite = _node(self.request)
+        failed = Measurement(test_id, suite, config, {}, None, self.session.machine())
+        self.session.record_error(self.request.node, failed, message, OUT_OF_MEMORY)
+        pytest.fail(message, pytrace=False)
+
+    def _record(self, measurement: Measurement) -> Measurement:
         self.benchmark.extra_info.update(
             {name: representative(name, values) for name, values in measurement.metrics.items()
              if values and not math.isnan(representative(name, values))}
@@ -186,5 +233,6 @@ class KVBench:
 
 @pytest.fixture
 def kv_bench(request: pytest.FixtureRequest, benchmark) -> KVBench:
-    """kv_bench(trace, model, strategy, kv_limit_bytes=...) -> Measurement; fails the test on a regression."""
+    """kv_bench(trace, model, strategy, kv_limit_bytes=...) -> Measurement; fails the test on a regression.
+    kv_bench.capacity(trace_at, model, strategy, low=..., high=...) searches the highest rate that meets the SLO."""
     return KVBench(request, benchmark)

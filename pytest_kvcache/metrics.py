@@ -99,6 +99,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("kv_allocated_bytes", "B", "memory", "KV storage the cache allocated", threshold=0.0),
     Metric("kv_cache_usage", "", "memory", "peak fraction of the vLLM KV pool in use (timing-dependent)",
            threshold=0.10, slack=0.02),
+    Metric("capacity_rps", "req/s", "rate", "highest request rate whose TTFT and TPOT p90 meet the SLO (capacity "
+           "search: doubling, then bisection to within ~9%)", higher_is_better=True, threshold=0.25,
+           machine_dependent=True),
     Metric("output_tokens", "tok", "exact", "output tokens generated in one round"),
     Metric("kv_tokens_stored", "tok", "exact", "tokens written to the KV cache"),
     Metric("kv_tokens_evicted", "tok", "exact", "tokens evicted from the KV cache"),

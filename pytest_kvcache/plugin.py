@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +43,8 @@ MARKERS = {
     "sweep": "sweep: part of the characterization sweep (many configurations)",
     "smoke": "smoke: the fast selection `kvbench compare` runs on pull requests",
     "kv_smoke": "kv_smoke(*specs): which of the test's kv_strategies belong to the smoke selection (marked smoke)",
-    "kv_models": "kv_models(*names): models to parametrize kv_model with when --kv-model is not given",
+    "kv_models": "kv_models(*names, cpu=(...), gpu=(...)): models to parametrize kv_model with when --kv-model is "
+                 "not given (cpu/gpu: per device, without or with --gpu)",
     "kv_strategies": "kv_strategies(*specs): strategies to parametrize kv_strategy with, e.g. 'streaming:budget=0.5'",
     "kv_thresholds": "kv_thresholds(**metric_thresholds): regression thresholds per module/class/test (closest wins), e.g. ttft_ms=0.5",
 }
@@ -88,6 +90,16 @@ def _model_names(text: str) -> list[str]:
     return names
 
 
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
+          "float16": "float16"}
+
+
+def _dtype(text: str) -> str:
+    if text.lower() not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}: choose fp32, bf16 or fp16")
+    return DTYPES[text.lower()]
+
+
 def _strategy(text: str) -> str:
     from pytest_kvcache.strategies import parse_strategy
 
@@ -105,6 +117,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kv-model", metavar="NAMES", type=_model_names, default=None,
                     help=f"comma-separated models for tests using kv_model: {', '.join(MODELS)}, or 'all' (those the device runs) "
                          "(default: each test's kv_models marker, else tiny; with --gpu tiny,llama-1b)")
+    group.addoption("--kv-dtype", metavar="DTYPE", type=_dtype, default=None,
+                    help="model dtype: fp32, bf16 or fp16, recorded in each measurement's configuration (a baseline "
+                         "of another dtype is not comparable) (default: fp32 on CPU, bf16 on GPU)")
     group.addoption("--kv-strategy", metavar="SPEC", type=_strategy, action="append", default=None,
                     help="run suites with these strategies instead of their own list, e.g. "
                          "'streaming:budget=0.2,sinks=4'; repeatable (default: each suite's list)")
@@ -172,6 +187,7 @@ class KVSession:
     unreadable: dict[tuple[str, str], str] = field(default_factory=dict)
     older_files: list[str] = field(default_factory=list)
     results_path: Path | None = None
+    progress: Progress | None = None
     saved: int = 0
     baselined: int = 0
     baselines_written: dict[Path, int] = field(default_factory=dict)
@@ -345,8 +361,11 @@ def _parametrize(metafunc: pytest.Metafunc) -> None:
     config = metafunc.config
     if "kv_model" in metafunc.fixturenames and not _directly_parametrized(metafunc, "kv_model"):
         marker = metafunc.definition.get_closest_marker("kv_models")
-        default = ["tiny", "llama-1b"] if config.getoption("gpu") else ["tiny"]
-        names = config.getoption("kv_model") or (list(marker.args) if marker else default)
+        gpu = config.getoption("gpu")
+        default = ["tiny", "llama-1b"] if gpu else ["tiny"]
+        if marker is not None:  # kv_models("tiny", ...) or per device: kv_models(cpu=(...), gpu=(...))
+            default = list(marker.kwargs.get("gpu" if gpu else "cpu", marker.args)) or default
+        names = config.getoption("kv_model") or default
         for name in names:
             get_spec(name)
         metafunc.parametrize("kv_model", names, indirect=True, ids=names)
@@ -369,12 +388,16 @@ def _directly_parametrized(metafunc: pytest.Metafunc, name: str) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("gpu"):
-        return
-    skip = pytest.mark.skip(reason="GPU test: run with --gpu on a CUDA machine")
+    """GPU tests need --gpu; the characterization sweep is opt-in: it runs when -m names `sweep`."""
+    gpu = config.getoption("gpu")
+    sweep = "sweep" in (config.getoption("markexpr") or "")
+    skip_gpu = pytest.mark.skip(reason="GPU test: run with --gpu on a CUDA machine")
+    skip_sweep = pytest.mark.skip(reason="characterization sweep: run it with -m sweep (make characterize)")
     for item in items:
-        if item.get_closest_marker("gpu") is not None:
-            item.add_marker(skip)
+        if not gpu and item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip_gpu)
+        if not sweep and item.get_closest_marker("sweep") is not None:
+            item.add_marker(skip_sweep)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -383,6 +406,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     kv = kv_session(session.config)
     if session.config.option.collectonly:
         return
+    sweep = [item for item in session.items if item.get_closest_marker("sweep") is not None]
+    if sweep and "sweep" in (session.config.getoption("markexpr") or "") and not _is_worker(session.config):
+        kv.progress = Progress(len(session.items))
     suites = sorted({Path(str(item.path)).stem for item in session.items
                      if any(f in getattr(item, "fixturenames", ()) for f in KV_FIXTURES)})
     problems = kv.store.problems(suites)
@@ -449,6 +475,35 @@ def _session_facts(kv: KVSession) -> dict:
     }
 
 
+@dataclass
+class Progress:
+    """Tests done and time left, printed during a sweep (a line every PROGRESS_EVERY_S seconds)."""
+
+    total: int
+    start: float = field(default_factory=time.monotonic)
+    done: int = 0
+    printed: float = field(default_factory=time.monotonic)
+
+    def step(self) -> str | None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.printed < PROGRESS_EVERY_S and self.done < self.total:
+            return None
+        self.printed = now
+        elapsed = now - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        return (f"[kvcache sweep] {self.done}/{self.total} tests done in {_duration(elapsed)}, "
+                f"about {_duration(left)} left")
+
+
+PROGRESS_EVERY_S = 30.0
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     """After each test: its baseline (when updating) and the session's results file so far, so a session that is
@@ -463,6 +518,11 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         kv.baselined = len(kv.outcomes)
     if not _is_worker(config) and len(kv.outcomes) > kv.saved:
         _write_results(kv, complete=False)
+    line = kv.progress.step() if kv.progress is not None else None
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if line and reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line(line)
     return result
 
 

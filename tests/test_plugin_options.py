@@ -28,6 +28,7 @@ def test_help_lists_the_kvcache_group(pytester):
         "KV-cache benchmarks (pytest-kvcache):",
         "  --gpu *",
         "  --kv-model=NAMES *",
+        "  --kv-dtype=DTYPE *",
         "  --kv-strategy=SPEC *",
         "  --kv-trace=FILE *",
         "  --kv-baselines=DIR *",
@@ -59,7 +60,8 @@ def test_help_lists_the_markers(pytester):
      "*error: argument --kv-strategy: strategy 'streaming' has no parameter 'nosuchparam'; it takes: budget, sinks"),
     (["--kv-cpu", "999"], "*error: argument --kv-cpu: expected auto, off or one of this process's CPUs, got '999'"),
     (["--kv-session-noise", "1.5"], "*error: argument --kv-session-noise: expected a fraction in [[]0, 1), got 1.5"),
-], ids=["rounds-0", "rounds-word", "model", "budget-range", "strategy-param", "cpu", "session-noise"])
+    (["--kv-dtype", "int8"], "*error: argument --kv-dtype: unknown dtype 'int8': choose fp32, bf16 or fp16"),
+], ids=["rounds-0", "rounds-word", "model", "budget-range", "strategy-param", "cpu", "session-noise", "dtype"])
 def test_bad_option_values_are_usage_errors(pytester, args, message):
     """A typo in an option stops the run before any model loads, with the value and what is allowed."""
     usage_error(pytester, *args).stderr.fnmatch_lines([message])
@@ -177,3 +179,49 @@ def test_kv_model_all_on_cpu_means_the_models_cpu_can_run(pytester):
     result = pytester.runpytest("-p", "no:cacheprovider", "--collect-only", "-q", "--kv-model", "all")
     assert result.ret == 0, result.stderr.str()
     result.stdout.fnmatch_lines(["test_all.py::test_x[[]tiny[]]", "test_all.py::test_x[[]smollm2[]]"])
+
+
+def test_kv_models_marker_per_device(pytester):
+    """kv_models(cpu=..., gpu=...) picks the CPU list without --gpu; positional names stay the fallback."""
+    pytester.makepyfile(test_dev="""
+        import pytest
+
+        @pytest.mark.kv_models("tiny", cpu=("smollm2",), gpu=("llama-8b",))
+        def test_x(kv_model):
+            pass
+
+        @pytest.mark.kv_models(gpu=("llama-8b",))
+        def test_y(kv_model):
+            pass
+    """)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--collect-only", "-q")
+    result.stdout.fnmatch_lines(["test_dev.py::test_x[[]smollm2[]]", "test_dev.py::test_y[[]tiny[]]",
+                                 "2 tests collected*"])
+
+
+SWEEP = """
+    import math
+    import pytest
+
+    @pytest.mark.sweep
+    @pytest.mark.kv_strategies("full", "streaming:budget=0.5")
+    def test_s(kv_bench, kv_model, kv_strategy, request_trace):
+        trace = request_trace(model=kv_model, rate=math.inf, num_requests=2, prompt_len=8, output_len=2)
+        kv_bench(trace, kv_model, kv_strategy)
+"""
+
+
+def test_sweep_is_opt_in_shows_progress_and_records_the_dtype(pytester, monkeypatch):
+    """Sweep tests skip unless -m names `sweep`; a sweep prints tests done and time left; --kv-dtype bf16 loads the
+    model in bf16 and the configuration records it."""
+    monkeypatch.setattr("pytest_kvcache.plugin.PROGRESS_EVERY_S", 0.0)
+    pytester.makepyfile(test_sweep=SWEEP)
+    args = ["-p", "no:cacheprovider", "--benchmark-disable", "--kv-rounds", "1", "--kv-cpu", "off", "--kv-baselines",
+            "b", "--kv-results", "r"]
+    pytester.runpytest(*args).assert_outcomes(skipped=2)
+    result = pytester.runpytest(*args, "-m", "sweep", "--kv-dtype", "bf16", "-rs")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["[[]kvcache sweep[]] 1/2 tests done in *, about * left",
+                                 "[[]kvcache sweep[]] 2/2 tests done in *, about 0 s left"])
+    outcomes = json.loads((pytester.path / "r" / "latest.json").read_text())["outcomes"]
+    assert {o["entry"]["config"]["dtype"] for o in outcomes} == {"bfloat16"}
