@@ -90,7 +90,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 def _tests(rows: list[Row]) -> str:
     """`suite::test` of the rows, each once: where a table's or figure's numbers came from."""
-    return ", ".join(sorted({f"{r.m.suite}::{r.m.test_id.split('[')[0]}" for r in rows}))
+    return ", ".join(sorted({f"{r.m.suite}::{r.test}" for r in rows}))
 
 
 def _missing(what: str, suite: str) -> Text:
@@ -182,8 +182,8 @@ def latency_section(study: Study, palette: plots.Palette, images: list[Image]) -
 
 def throughput_section(study: Study, palette: plots.Palette, images: list[Image]) -> list[Block]:
     blocks: list[Block] = [Heading("Throughput against KV memory")]
-    groups = [(f"{suite}: {model}, {device}, {_limit(rows[0])}", rows) for (suite, device, model, _), rows in
-              _grouped(study.budget, lambda r: (r.m.suite, r.device, r.model, r.kv_limit))]
+    groups = [(f"{test}: {model}, {device}, {_limit(rows[0])}", rows) for (test, device, model, _), rows in
+              _grouped(study.budget, lambda r: (r.test, r.device, r.model, r.kv_limit))]
     if not groups:
         return blocks + [_missing("measurements under a KV memory limit", "test_budget")]
     title = "Output throughput vs peak resident KV (all requests at t=0, under a KV memory limit)"
@@ -248,9 +248,8 @@ def pareto_section(study: Study, palette: plots.Palette, images: list[Image]) ->
                        "KV peak and at most its perplexity ratio, and is better in one; points with no quality "
                        "measurement (ppl ?) are never optimal."))
     groups, table = [], []
-    for (suite, device, model, _), rows in _grouped(study.budget, lambda r: (r.m.suite, r.device, r.model,
-                                                                              r.kv_limit)):
-        name = f"{suite}: {model}, {device}, {_limit(rows[0])}"
+    for (test, device, model, _), rows in _grouped(study.budget, lambda r: (r.test, r.device, r.model, r.kv_limit)):
+        name = f"{test}: {model}, {device}, {_limit(rows[0])}"
         points = study.pareto(rows)
         groups.append((name, points))
         table += [[name, r.label, _fmt(r.value("kv_peak_bytes") / MIB), _fmt(r.value("output_throughput")),
@@ -269,8 +268,8 @@ def traffic_section(study: Study, images: list[Image]) -> list[Block]:
     movers = sorted({r.label for r in rows if r.value("kv_bytes_to_host") or r.value("kv_bytes_to_device")})
     blocks.append(Text(f"Exact KV byte counters under a KV memory limit; strategies that moved bytes: "
                        f"{', '.join(movers) or 'none'}."))
-    groups = [(f"{suite}: {model}, {device}, {_limit(items[0])}", items) for (suite, device, model, _), items in
-              _grouped(rows, lambda r: (r.m.suite, r.device, r.model, r.kv_limit))]
+    groups = [(f"{test}: {model}, {device}, {_limit(items[0])}", items) for (test, device, model, _), items in
+              _grouped(rows, lambda r: (r.test, r.device, r.model, r.kv_limit))]
     title = "KV bytes copied between host and device"
     return blocks + [_image(images, title, plots.traffic(groups, title), _tests(rows))]
 

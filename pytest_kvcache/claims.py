@@ -146,11 +146,11 @@ def _throughput_settings(study: Study) -> list[tuple[str, list[Row], str, str]]:
     settings = []
     groups: dict[tuple, list[Row]] = defaultdict(list)
     for r in study.budget:
-        groups[("output_throughput", r.m.suite, r.device, r.model, r.kv_limit)].append(r)
+        groups[("output_throughput", r.test, r.device, r.model, r.kv_limit)].append(r)
     for r in study.capacity:
-        groups[("capacity_rps", r.m.suite, r.device, r.model, r.kv_limit)].append(r)
-    for (metric, suite, device, model, limit), rows in sorted(groups.items(), key=str):
-        where = f"{suite} {model} {device}, KV limit {limit / MIB:.2f} MiB" if limit else f"{suite} {model} {device}"
+        groups[("capacity_rps", r.test, r.device, r.model, r.kv_limit)].append(r)
+    for (metric, test, device, model, limit), rows in sorted(groups.items(), key=str):
+        where = f"{test} {model} {device}, KV limit {limit / MIB:.2f} MiB" if limit else f"{test} {model} {device}"
         settings.append((where, rows, metric, "tok/s" if metric == "output_throughput" else "req/s"))
     top: dict[tuple, Win] = {}
     for w in (w for w in study.wins if w.measured("h2o")):
@@ -178,6 +178,8 @@ def h2o_high_throughput(study: Study) -> Verdict:
         h2o = [r for r in competing if r.kind == "h2o"]
         mine = max(h2o, key=lambda r: r.value(metric)) if h2o else None
         shown = f"{mine.label} {mine.value(metric):.4g}" if mine else "h2o excluded by quality"
+        if mine and mine is not best and mine.value(metric) >= (1 - study.rule.tie) * best.value(metric):
+            shown += f" (within the rule's {study.rule.tie:.0%} tie)"
         unrated = " (quality not measured)" if study.perplexity(best) is None else ""
         found.append((best.kind == "h2o", f"{where}: top {best.label}{unrated} {best.value(metric):.4g} {unit}"
                       + ("" if best is mine else f", best h2o {shown}")))

@@ -124,10 +124,13 @@ def latency_vs_rate(rows: list[Row], palette: Palette, title: str) -> Figure:
     for ax, (metric, name) in zip(axes, LATENCY):
         where = _rate_axis(ax, [r.rate for r in rows])
         for label, items in sorted(by_label.items()):
-            points = sorted((where[r.rate], r.value(metric)) for r in items if r.value(metric) is not None)
-            if points:
-                ax.plot(*zip(*points), marker=palette.marker(items[0]), linestyle=palette.style(items[0]),
-                        color=colour(items[0]), label=label)
+            look = {"marker": palette.marker(items[0]), "color": colour(items[0])}
+            points = sorted((r.rate, r.value(metric)) for r in items if r.value(metric) is not None)
+            finite = [(where[x], y) for x, y in points if math.isfinite(x)]
+            if finite:
+                ax.plot(*zip(*finite), linestyle=palette.style(items[0]), label=label, **look)
+            for x, y in points[len(finite):]:  # rate inf: a point apart, not a continuation of the line
+                ax.plot([where[x]], [y], linestyle="none", label=label, **look)
         ax.set_ylabel(f"{name} (ms)")
         ax.set_title(name)
     return _finish(fig, axes)
@@ -190,7 +193,7 @@ def capacity_search(rows: list[Row], palette: Palette, title: str) -> Figure:
                            facecolors=colour(r) if p["meets_slo"] else "none", zorder=3)
         slo = rows[0].m.config.get("slo", {}).get(slo_key)
         if slo is not None:
-            ax.axhline(slo, color="red", linestyle=":", label="SLO")
+            ax.axhline(slo, color="red", linestyle=":", label=f"SLO ({name} {slo:g} ms)")
         ax.set_xlabel("probed request rate (req/s)")
         ax.set_ylabel(f"{name} (ms)")
         ax.set_title(f"{name} per probe (hollow: missed the SLO)", fontsize=9)

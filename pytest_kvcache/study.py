@@ -58,6 +58,11 @@ class Row:
     m: Measurement
 
     @property
+    def test(self) -> str:
+        """The test function, without its parameters."""
+        return self.m.test_id.split("[")[0]
+
+    @property
     def label(self) -> str:
         return self.m.config.get("strategy", "full")
 
