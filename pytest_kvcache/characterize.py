@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import tempfile
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +19,11 @@ from pytest_kvcache.claims import Claim, claims, rate_text
 from pytest_kvcache.errors import KVConfigError
 from pytest_kvcache.models import get_spec
 from pytest_kvcache.results import Results
-from pytest_kvcache.study import MIB, Row, Study
+from pytest_kvcache.study import MIB, Row, Study, grouped
 
 PRODUCERS = {  # what produces each kind of data the page can show
     "test_load": "pytest suites/test_characterization.py -k test_load",
+    "test_memory": "pytest suites/test_memory.py",
     "test_budget": "pytest suites/test_characterization.py -k test_budget",
     "test_capacity": "pytest suites/test_characterization.py -k test_capacity",
     "test_quality": "pytest suites/test_quality.py -m quality",
@@ -101,13 +101,6 @@ def _limit(row: Row) -> str:
     return f"KV limit {row.kv_limit / MIB:.2f} MiB" if row.kv_limit else "no KV limit"
 
 
-def _grouped(rows: list[Row], key) -> list[tuple[tuple, list[Row]]]:
-    groups: dict[tuple, list[Row]] = defaultdict(list)
-    for r in rows:
-        groups[key(r)].append(r)
-    return sorted(groups.items(), key=lambda item: str(item[0]))
-
-
 def _machine(results: Results) -> str:
     m = results.machine
     parts = [m.get("gpu"), m.get("cpu"), f"{m.get('cores')} cores" if m.get("cores") else None,
@@ -161,9 +154,15 @@ def claims_section(found: list[Claim]) -> list[Block]:
     return blocks
 
 
-def _image(images: list[Image], title: str, fig, source: str) -> Image:
-    slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")[:60]
-    image = Image(f"{len(images) + 1:02d}-{slug}.png", title, plots.png(fig), source)
+def _image(images: list[Image], name: str, title: str, fig, source: str) -> Image:
+    """The figure as a PNG named after what it shows (`test_memory-kv_peak_bytes.png`), kept in `images`."""
+    stem = re.sub(r"[^A-Za-z0-9_.=-]+", "-", name)
+    taken = {i.name for i in images}
+    file, n = f"{stem}.png", 1
+    while file in taken:
+        n += 1
+        file = f"{stem}-{n}.png"
+    image = Image(file, title, plots.png(fig), source)
     images.append(image)
     return image
 
@@ -176,38 +175,53 @@ def latency_section(study: Study, palette: plots.Palette, images: list[Image]) -
                        "rate; 'all at t=0' is rate inf, every request arriving at once."))
     for (device, model, arrival, workload), rows in study.sweeps:
         title = f"Latency vs request rate: {model}, {device}, {arrival} arrivals, {workload}"
-        blocks.append(_image(images, title, plots.latency_vs_rate(rows, palette, title), _tests(rows)))
+        blocks.append(_image(images, f"latency-{model}-{device}-{arrival}", title,
+                             plots.latency_vs_rate(rows, palette, title), _tests(rows)))
     return blocks
 
 
 def throughput_section(study: Study, palette: plots.Palette, images: list[Image]) -> list[Block]:
     blocks: list[Block] = [Heading("Throughput against KV memory")]
     groups = [(f"{test}: {model}, {device}, {_limit(rows[0])}", rows) for (test, device, model, _), rows in
-              _grouped(study.budget, lambda r: (r.test, r.device, r.model, r.kv_limit))]
+              grouped(study.budget, lambda r: (r.test, r.device, r.model, r.kv_limit))]
     if not groups:
         return blocks + [_missing("measurements under a KV memory limit", "test_budget")]
     title = "Output throughput vs peak resident KV (all requests at t=0, under a KV memory limit)"
-    return blocks + [_image(images, title, plots.throughput_vs_memory(groups, palette, title),
-                            _tests(study.budget))]
+    return blocks + [_image(images, "throughput-kv_peak_bytes", title,
+                            plots.throughput_vs_memory(groups, palette, title), _tests(study.budget))]
+
+
+def memory_section(study: Study, palette: plots.Palette, images: list[Image]) -> list[Block]:
+    blocks: list[Block] = [Heading("KV memory against budget")]
+    rows = [r for r in study.suite("test_memory") if r.value("kv_peak_bytes") is not None]
+    if not rows:
+        return blocks + [_missing("peak KV memory per budget", "test_memory")]
+    panels = [plots.Panel(f"{model}, {device}", "peak resident KV (MiB)", items, "kv_peak_bytes", 1 / MIB)
+              for (device, model), items in grouped(rows, lambda r: (r.device, r.model))]
+    title = "Peak resident KV vs KV budget (exact, from each strategy's accounting)"
+    return blocks + [_image(images, "test_memory-kv_peak_bytes", title, plots.budget_panels(panels, palette, title),
+                            _tests(rows))]
 
 
 def capacity_section(study: Study, palette: plots.Palette, images: list[Image]) -> list[Block]:
     blocks: list[Block] = [Heading("Capacity under the SLO")]
     if not study.capacity:
         return blocks + [_missing("capacity searches (`capacity_rps`)", "test_capacity")]
-    groups = _grouped(study.capacity, lambda r: (r.device, r.model, r.kv_limit))
+    groups = grouped(study.capacity, lambda r: (r.device, r.model, r.kv_limit))
     slo = study.capacity[0].m.config.get("slo", {})
     blocks.append(Text(f"Capacity: the highest request rate whose TTFT p90 and TPOT p90 meet the SLO (TTFT "
                        f"{slo.get('ttft_ms')} ms, TPOT {slo.get('tpot_ms')} ms), one search per strategy."))
-    panels = [(f"{model}, {device}, {_limit(rows[0])}", "capacity under the SLO (req/s)", rows, "capacity_rps")
-              for (device, model, _), rows in groups]
+    panels = [plots.Panel(f"{model}, {device}, {_limit(rows[0])}", "capacity under the SLO (req/s)", rows,
+                          "capacity_rps") for (device, model, _), rows in groups]
     title = "Capacity vs KV budget"
-    blocks.append(_image(images, title, plots.budget_panels(panels, palette, title), _tests(study.capacity)))
+    blocks.append(_image(images, "capacity_rps", title, plots.budget_panels(panels, palette, title),
+                         _tests(study.capacity)))
     rows = groups[0][1]
     shown = sorted(rows, key=lambda r: -r.value("capacity_rps"))[:3]
     shown += [r for r in rows if r.kind == "full" and r not in shown][:1]
-    title = f"Capacity search: {panels[0][0]}"
-    blocks.append(_image(images, title, plots.capacity_search(shown, palette, title), _tests(shown)))
+    title = f"Capacity search: {panels[0].title}"
+    blocks.append(_image(images, "capacity-search", title, plots.capacity_search(shown, palette, title),
+                         _tests(shown)))
     table = [[r.model, _limit(r), r.label, _fmt(r.budget), _fmt(r.value("capacity_rps"))] for r in study.capacity]
     return blocks + [Table(["model", "KV limit", "strategy", "budget", "capacity req/s"], table,
                            _tests(study.capacity))]
@@ -217,20 +231,23 @@ def quality_section(study: Study, palette: plots.Palette, images: list[Image]) -
     blocks: list[Block] = [Heading("Quality against KV budget")]
     scored = study.suite("test_quality")
     if scored:
-        panels = [(name, name, scored, metric) for metric, name in QUALITY if any(r.value(metric) is not None
-                                                                                   for r in scored)]
+        bound = (study.rule.max_perplexity_ratio, f"wins-rule bound ({study.rule.max_perplexity_ratio:.2f})")
+        panels = [plots.Panel(name, name, scored, metric, line=bound if metric == "perplexity_ratio" else None)
+                  for metric, name in QUALITY if any(r.value(metric) is not None for r in scored)]
         title = f"Quality vs KV budget ({', '.join(study.models(scored))}, teacher-forced against the full cache)"
-        blocks.append(_image(images, title, plots.budget_panels(panels, palette, title), _tests(scored)))
+        blocks.append(_image(images, "test_quality", title, plots.budget_panels(panels, palette, title),
+                             _tests(scored)))
     else:
         blocks.append(_missing("quality measurements", "test_quality"))
     retrieved = study.suite("test_retrieval")
     if not retrieved:
         return blocks + [_missing("retrieval accuracies", "test_retrieval")]
-    for (length,), rows in _grouped(retrieved, lambda r: (r.m.config.get("length"),)):
-        panels = [(name, f"{name} accuracy", rows, metric) for metric, name in RETRIEVAL
+    for (length,), rows in grouped(retrieved, lambda r: (r.m.config.get("length"),)):
+        panels = [plots.Panel(name, f"{name} accuracy", rows, metric) for metric, name in RETRIEVAL
                   if any(r.value(metric) is not None for r in rows)]
         title = f"Retrieval accuracy vs KV budget ({', '.join(study.models(rows))}, {length}-token prompts)"
-        blocks.append(_image(images, title, plots.budget_panels(panels, palette, title), _tests(rows)))
+        blocks.append(_image(images, f"test_retrieval-{length}", title, plots.budget_panels(panels, palette, title),
+                             _tests(rows)))
     return blocks
 
 
@@ -248,14 +265,14 @@ def pareto_section(study: Study, palette: plots.Palette, images: list[Image]) ->
                        "KV peak and at most its perplexity ratio, and is better in one; points with no quality "
                        "measurement (ppl ?) are never optimal."))
     groups, table = [], []
-    for (test, device, model, _), rows in _grouped(study.budget, lambda r: (r.test, r.device, r.model, r.kv_limit)):
+    for (test, device, model, _), rows in grouped(study.budget, lambda r: (r.test, r.device, r.model, r.kv_limit)):
         name = f"{test}: {model}, {device}, {_limit(rows[0])}"
         points = study.pareto(rows)
         groups.append((name, points))
         table += [[name, r.label, _fmt(r.value("kv_peak_bytes") / MIB), _fmt(r.value("output_throughput")),
                    _fmt(ppl), "yes" if optimal else "no"] for r, ppl, optimal in points]
     title = "Throughput vs KV peak, labelled with perplexity ratio"
-    return blocks + [_image(images, title, plots.pareto(groups, palette, title), _tests(study.budget)),
+    return blocks + [_image(images, "pareto", title, plots.pareto(groups, palette, title), _tests(study.budget)),
                      Table(["setting", "strategy", "KV peak MiB", "out tok/s", "ppl ratio", "Pareto-optimal"],
                            table, f"{_tests(study.budget)}; test_quality::test_quality")]
 
@@ -269,16 +286,16 @@ def traffic_section(study: Study, images: list[Image]) -> list[Block]:
     blocks.append(Text(f"Exact KV byte counters under a KV memory limit; strategies that moved bytes: "
                        f"{', '.join(movers) or 'none'}."))
     groups = [(f"{test}: {model}, {device}, {_limit(items[0])}", items) for (test, device, model, _), items in
-              _grouped(rows, lambda r: (r.test, r.device, r.model, r.kv_limit))]
+              grouped(rows, lambda r: (r.test, r.device, r.model, r.kv_limit))]
     title = "KV bytes copied between host and device"
-    return blocks + [_image(images, title, plots.traffic(groups, title), _tests(rows))]
+    return blocks + [_image(images, "kv_bytes_to_host-to_device", title, plots.traffic(groups, title), _tests(rows))]
 
 
 def appendix(study: Study) -> list[Block]:
     blocks: list[Block] = [Heading("Every measurement"), Text("File numbers refer to the results files listed at "
                                                               "the top. Memory and byte counters in MiB.")]
     index = {path: i for i, (path, _) in enumerate(study.sources, 1)}
-    for (suite, kind), rows in _grouped(study.rows, lambda r: (r.m.suite, r.study or "")):
+    for (suite, kind), rows in grouped(study.rows, lambda r: (r.m.suite, r.study or "")):
         columns = [(metric, title) for metric, title in COLUMNS if any(r.value(metric) is not None for r in rows)]
         table = [[f"[{index[r.source]}]", r.m.test_id] + [
             _fmt(r.value(metric) / MIB if metric in IN_MIB and r.value(metric) is not None else r.value(metric))
@@ -293,7 +310,8 @@ def page(study: Study) -> tuple[list[Block], list[Image]]:
     palette = plots.Palette.of(study.rows)
     images: list[Image] = []
     blocks = (header(study) + wins_section(study) + claims_section(claims(study))
-              + latency_section(study, palette, images) + throughput_section(study, palette, images)
+              + latency_section(study, palette, images) + memory_section(study, palette, images)
+              + throughput_section(study, palette, images)
               + capacity_section(study, palette, images) + quality_section(study, palette, images)
               + pareto_section(study, palette, images) + traffic_section(study, images) + appendix(study))
     return blocks, images

@@ -4,11 +4,11 @@ that decides it and what the measurement cannot say."""
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pytest_kvcache.study import MIB, Row, Study, Win
+from pytest_kvcache.study import MIB, Row, Study, Win, grouped
 
 SUPPORTED, CONTRADICTED, NOT_MEASURABLE = "supported", "contradicted", "not measurable here"
 
@@ -144,14 +144,10 @@ def _throughput_settings(study: Study) -> list[tuple[str, list[Row], str, str]]:
     """(setting, rows, metric, unit) of every high-throughput setting: each KV memory limit of the budget study
     and of test_throughput (rate inf), each capacity search, and of each load arrival the highest rate h2o ran at."""
     settings = []
-    groups: dict[tuple, list[Row]] = defaultdict(list)
-    for r in study.budget:
-        groups[("output_throughput", r.test, r.device, r.model, r.kv_limit)].append(r)
-    for r in study.capacity:
-        groups[("capacity_rps", r.test, r.device, r.model, r.kv_limit)].append(r)
-    for (metric, test, device, model, limit), rows in sorted(groups.items(), key=str):
-        where = f"{test} {model} {device}, KV limit {limit / MIB:.2f} MiB" if limit else f"{test} {model} {device}"
-        settings.append((where, rows, metric, "tok/s" if metric == "output_throughput" else "req/s"))
+    for rows, metric, unit in ((study.budget, "output_throughput", "tok/s"), (study.capacity, "capacity_rps", "req/s")):
+        for (test, device, model, limit), group in grouped(rows, lambda r: (r.test, r.device, r.model, r.kv_limit)):
+            where = f"{test} {model} {device}" + (f", KV limit {limit / MIB:.2f} MiB" if limit else "")
+            settings.append((where, group, metric, unit))
     top: dict[tuple, Win] = {}
     for w in (w for w in study.wins if w.measured("h2o")):
         key = (w.first.device, w.first.model, w.first.arrival)

@@ -154,26 +154,40 @@ def throughput_vs_memory(groups: list[tuple[str, list[Row]]], palette: Palette, 
     return _finish(fig, axes)
 
 
-def budget_panels(panels: list[tuple[str, str, list[Row], str]], palette: Palette, title: str) -> Figure:
-    """Panels of (title, y label, rows, metric) against KV budget, one line per strategy; strategies that keep
-    every token are the dashed reference line they are measured against."""
+@dataclass(frozen=True)
+class Panel:
+    """One panel against KV budget: `metric` of `rows` (times `scale`), one line per strategy."""
+
+    title: str
+    ylabel: str
+    rows: list[Row]
+    metric: str
+    scale: float = 1.0
+    line: tuple[float, str] | None = None  # (y, label) of a threshold to draw, e.g. the wins rule's quality bound
+
+
+def budget_panels(panels: list[Panel], palette: Palette, title: str) -> Figure:
+    """Panels against KV budget, one line per strategy; strategies that keep every token are the dashed reference
+    line the others are measured against."""
     fig, axes = _figure(len(panels), title)
-    for ax, (name, ylabel, rows, metric) in zip(axes, panels):
+    for ax, panel in zip(axes, panels):
         lines: dict[str, list[Row]] = defaultdict(list)
-        for r in rows:
-            if r.value(metric) is not None and r.budget is not None:
+        for r in panel.rows:
+            if r.value(panel.metric) is not None and r.budget is not None:
                 lines[r.series].append(r)
         for series, items in sorted(lines.items()):
-            points = sorted((r.budget, r.value(metric)) for r in items)
+            points = sorted((r.budget, r.value(panel.metric) * panel.scale) for r in items)
             if not items[0].budgeted:
-                ax.axhline(points[0][1], color=colour(items[0]), linestyle="--", linewidth=1,
-                           label=f"{series} (keeps every token)")
+                ax.axhline(points[0][1], color=colour(items[0]), linestyle="--", linewidth=1, markersize=5,
+                           marker=palette.marker(items[0]), label=f"{series} (keeps every token)")
                 continue
             ax.plot(*zip(*points), marker=palette.marker(items[0]), color=colour(items[0]), label=series)
+        if panel.line:
+            ax.axhline(panel.line[0], color="red", linestyle=":", label=panel.line[1])
         ax.set_xlim(0, 1.05)
         ax.set_xlabel("KV budget (fraction of each request's context)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(name, fontsize=9)
+        ax.set_ylabel(panel.ylabel)
+        ax.set_title(panel.title, fontsize=9)
     return _finish(fig, axes)
 
 

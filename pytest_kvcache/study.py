@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -48,6 +49,11 @@ def _label_without(strategy: KVStrategy, drop: tuple[str, ...]) -> str:
     name, _, params = strategy.label().partition(":")
     kept = [p for p in params.split(",") if p and p.partition("=")[0] not in drop]
     return f"{name}:{','.join(kept)}" if kept else name
+
+
+def _configured(key: str) -> property:
+    """A Row attribute read from the measurement's configuration (None where the suite does not set it)."""
+    return property(lambda row: row.m.config.get(key))
 
 
 @dataclass
@@ -96,21 +102,11 @@ class Row:
         budget = getattr(self.strategy, "budget", 1.0)
         return float(budget) if isinstance(budget, float) else None
 
-    @property
-    def study(self) -> str | None:
-        return self.m.config.get("study")
-
-    @property
-    def model(self) -> str | None:
-        return self.m.config.get("model")
-
-    @property
-    def device(self) -> str | None:
-        return self.m.config.get("device")
-
-    @property
-    def dtype(self) -> str | None:
-        return self.m.config.get("dtype")
+    study = _configured("study")  # test_characterization's study (load, budget, capacity, ...), None elsewhere
+    model = _configured("model")
+    device = _configured("device")  # None where the suite does not record it (quality)
+    dtype = _configured("dtype")
+    kv_limit = _configured("kv_limit_bytes")  # bytes, None without a KV memory limit
 
     @property
     def _spec(self) -> dict:
@@ -137,11 +133,7 @@ class Row:
         spec = self._spec
         text = (f"{spec.get('num_requests')} requests, prompt {spec.get('prompt_len')} tok \u00b1"
                 f"{spec.get('range_ratio', 0):.0%}, output {spec.get('output_len')} tok")
-        return text + (f", {spec['shared_prefix_len']} shared" if spec.get("shared_prefix_len") else "")
-
-    @property
-    def kv_limit(self) -> int | None:
-        return self.m.config.get("kv_limit_bytes")
+        return text + (f", {spec['shared_prefix_len']}-token shared prefix" if spec.get("shared_prefix_len") else "")
 
     @property
     def condition(self) -> tuple:
@@ -150,6 +142,14 @@ class Row:
 
     def value(self, metric: str) -> float | None:
         return self.m.summary(metric) if self.m.metrics.get(metric) else None
+
+
+def grouped(rows: list[Row], key: Callable[[Row], tuple]) -> list[tuple[tuple, list[Row]]]:
+    """Rows by key, in the order of the keys' text (a stable order for tables and figures)."""
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for r in rows:
+        groups[key(r)].append(r)
+    return sorted(groups.items(), key=lambda item: str(item[0]))
 
 
 @dataclass(frozen=True)
@@ -186,8 +186,8 @@ class Study:
         return [Row(path, o.measurement) for path, results in self.sources for o in results.outcomes
                 if o.measurement.metrics]
 
-    def suite(self, suite: str, study: str | None = None) -> list[Row]:
-        return [r for r in self.rows if r.m.suite == suite and (study is None or r.study == study)]
+    def suite(self, suite: str) -> list[Row]:
+        return [r for r in self.rows if r.m.suite == suite]
 
     @cached_property
     def load(self) -> list[Row]:
@@ -198,11 +198,8 @@ class Study:
     @cached_property
     def sweeps(self) -> list[tuple[tuple, list[Row]]]:
         """Load rows by (device, model, arrival, workload) where the workload ran at two or more rates."""
-        groups: dict[tuple, list[Row]] = defaultdict(list)
-        for r in self.load:
-            groups[(r.device, r.model, r.arrival, r.workload)].append(r)
-        return sorted(((key, rows) for key, rows in groups.items() if len({r.rate for r in rows}) > 1),
-                      key=lambda item: str(item[0]))
+        return [(key, rows) for key, rows in grouped(self.load, lambda r: (r.device, r.model, r.arrival, r.workload))
+                if len({r.rate for r in rows}) > 1]
 
     @cached_property
     def budget(self) -> list[Row]:
@@ -265,10 +262,7 @@ class Study:
     @cached_property
     def wins(self) -> list[Win]:
         """The rule's verdict on every load condition with enough strategies, by model, arrival and rate."""
-        groups: dict[tuple, list[Row]] = defaultdict(list)
-        for r in self.load:
-            groups[r.condition].append(r)
-        wins = [self.decide(rows) for rows in groups.values()
+        wins = [self.decide(rows) for _, rows in grouped(self.load, lambda r: r.condition)
                 if len({r.label for r in rows}) >= self.rule.min_strategies]
         return sorted(wins, key=lambda w: (str(w.first.device), str(w.first.model), str(w.first.arrival),
                                            w.first.rate))

@@ -167,7 +167,7 @@ def test_c3_h2o_in_high_throughput_settings(capacity_metric):
     """C3 asks whether h2o tops throughput (capacity) in each high-throughput setting, within the quality bound."""
     verdict, figure, _ = _verdict(budget("h2o:budget=0.2", 900.0, 1.0), budget("full", 500.0, 2.9),
                                   capacity("h2o:budget=0.2", 4.0), capacity("full", 2.0), key="C3")
-    assert verdict == SUPPORTED and figure.startswith("h2o tops 2 of 2 settings: test_capacity tiny cpu, KV limit 3.00 MiB")
+    assert verdict == SUPPORTED and figure.startswith("h2o tops 2 of 2 settings: test_budget tiny cpu, KV limit 3.00 MiB")
     verdict, figure, _ = _verdict(budget("h2o:budget=0.2", 900.0, 1.0), budget("quantized", 950.0, 1.5), key="C3")
     assert verdict == CONTRADICTED and "top quantized (quality not measured) 950 tok/s, best h2o h2o:budget=0.2 900" \
         in figure
