@@ -36,8 +36,8 @@ class Rule:
                 f"the highest goodput (requests per second meeting both the TTFT and the TPOT SLO). Strategies "
                 f"within {self.tie:.0%} of the highest goodput tie, and the tie goes to the lowest median E2E "
                 f"latency. A strategy whose perplexity ratio in the quality suite (test_quality, joined on the "
-                f"strategy label) is above {self.max_perplexity_ratio:.2f} is excluded; "
-                f"{', '.join(self.exact)} keep every token exactly and count as 1.00; a strategy with no quality "
+                f"strategy label) is above {self.max_perplexity_ratio:.2f} is excluded; {', '.join(self.exact)} "
+                f"lose nothing (they keep or recompute every token) and count as 1.00; a strategy with no quality "
                 f"measurement competes and is marked 'quality not measured'. Conditions with fewer than "
                 f"{self.min_strategies} strategies are left out.")
 
