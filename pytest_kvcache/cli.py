@@ -84,11 +84,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pytest_kvcache.characterize import write_report
 
-    measurements = []
-    for source in args.results:
-        measurements += [o.measurement for o in load_results(Path(source)).outcomes if o.measurement.metrics]
-    path = write_report(measurements, Path(args.output), ", ".join(args.results))
-    print(f"wrote {path} ({len(measurements)} measurements)")
+    sources = [(source, load_results(Path(source))) for source in args.results]
+    path = write_report(sources, Path(args.output), args.force)
+    print(f"wrote {path} and {path.parent / 'README.md'} ({sum(len(r.outcomes) for _, r in sources)} tests read)")
     return 0
 
 
@@ -173,10 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print the summary table of a results file")
     show.add_argument("results", nargs="?", default="results", help="results file or folder (default: results)")
     show.set_defaults(func=cmd_show)
-    report = sub.add_parser("report", help="characterization report: tables per suite and plots against budget")
-    report.add_argument("results", nargs="*", default=["results"],
+    report = sub.add_parser(
+        "report", help="characterization study: which strategy wins where, the claims, tables and plots, as "
+                       "index.html (self-contained) and README.md",
+        description="Reads results files (the characterization run, the quality run, ...) and writes DIR/index.html "
+                    "(plots inlined, no other file needed) and DIR/README.md with the plots as PNG files beside "
+                    "it. DIR is written whole or not at all; a non-empty DIR is refused unless --force.")
+    report.add_argument("results", nargs="*", default=["results"], metavar="RESULTS",
                         help="results files or folders holding latest.json (default: results)")
-    report.add_argument("-o", "--output", default="report", help="output folder (default: report)")
+    report.add_argument("-o", "--output", default="report", metavar="DIR", help="output folder (default: report)")
+    report.add_argument("--force", action="store_true", help="replace a non-empty DIR (default: refuse)")
     report.set_defaults(func=cmd_report)
     trace = sub.add_parser("trace", help="write a seeded synthetic trace as JSONL")
     trace.add_argument("-o", "--output", required=True, help="file to write")
