@@ -52,10 +52,11 @@ quality: $(STAMP)
 # plots read the committed quality and retrieval results; pass your own `make quality` results to refresh them.
 QUALITY_RESULTS ?= benchmarks/results/cpu/quality/kvcache-20261201-235237.json \
 	benchmarks/results/cpu/retrieval/kvcache-20261202-000306.json
+CHAR_RESULTS ?= results/characterization
 REPORT_DIR ?= report/characterization-$(shell date +%Y%m%d-%H%M%S)
 characterize: $(STAMP)
-	$(call pytest,suites/test_characterization.py -m sweep --kv-results results/characterization)
-	$(VENV)/bin/kvbench report results/characterization $(QUALITY_RESULTS) -o $(REPORT_DIR)
+	$(call pytest,suites/test_characterization.py -m sweep --kv-results $(CHAR_RESULTS))
+	$(VENV)/bin/kvbench report $(CHAR_RESULTS) $(QUALITY_RESULTS) -o $(REPORT_DIR)
 
 test: $(STAMP)
 	$(call pytest,tests/)

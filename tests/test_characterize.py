@@ -12,7 +12,6 @@ from matplotlib.colors import to_rgb
 from pytest_kvcache import cli, plots
 from pytest_kvcache.characterize import markdown, page, to_html, write_report
 from pytest_kvcache.claims import CONTRADICTED, NOT_MEASURABLE, SUPPORTED, claims
-from pytest_kvcache.metrics import METRICS, Metric
 from pytest_kvcache.results import Measurement, Outcome, Results
 from pytest_kvcache.strategies.base import STRATEGIES
 from pytest_kvcache.study import RULE, Row, Study
@@ -74,14 +73,6 @@ def results_file(tmp_path, *measurements, name="results.json"):
     path = tmp_path / name
     path.write_text(json.dumps(study(*measurements).sources[0][1].to_json()))
     return path
-
-
-@pytest.fixture
-def capacity_metric(monkeypatch):
-    """capacity_rps in the metric registry (it lands there with the characterization suite)."""
-    if "capacity_rps" not in METRICS:
-        monkeypatch.setitem(METRICS, "capacity_rps", Metric("capacity_rps", "req/s", "rate", "capacity under the SLO",
-                                                             higher_is_better=True))
 
 
 def test_wins_rule_highest_goodput_wins():
@@ -163,7 +154,7 @@ def test_c2_infinigen_under_bursty_arrivals():
     assert _verdict(*no_infinigen, key="C2")[:2] == (NOT_MEASURABLE, "infinigen was not measured under bursty arrivals")
 
 
-def test_c3_h2o_in_high_throughput_settings(capacity_metric):
+def test_c3_h2o_in_high_throughput_settings():
     """C3 asks whether h2o tops throughput (capacity) in each high-throughput setting, within the quality bound."""
     verdict, figure, _ = _verdict(budget("h2o:budget=0.2", 900.0, 1.0), budget("full", 500.0, 2.9),
                                   capacity("h2o:budget=0.2", 4.0), capacity("full", 2.0), key="C3")
