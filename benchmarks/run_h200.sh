@@ -6,6 +6,7 @@
 #
 #   OUT=/tmp/h200 bash benchmarks/run_h200.sh serving    # tiny + llama-1b serving suites: baselines, results (~8 min)
 #   OUT=/tmp/h200 bash benchmarks/run_h200.sh scale      # llama-8b suite, then the decode benchmarks (~8 min)
+#   OUT=/tmp/h200 bash benchmarks/run_h200.sh study      # throughput baselines, then the characterization sweep (~9 min)
 #
 # Baselines and results are written as each test finishes, so a step cut off by its limit keeps what it measured.
 set -uo pipefail
@@ -35,6 +36,11 @@ suite() {  # name, seconds, pytest arguments...
 
 if [ "$PHASE" = serving ]; then
     suite gpu-serving 540 suites/test_latency.py suites/test_memory.py suites/test_throughput.py
+elif [ "$PHASE" = study ]; then
+    suite gpu-throughput 120 suites/test_throughput.py
+    step gpu-characterization 390 $PY -m pytest suites/test_characterization.py -m sweep --gpu -p no:cacheprovider -rs \
+        --durations=0 --kv-results "$OUT/characterization"
+    tail -n 30 "$OUT/gpu-characterization.log"
 else
     suite gpu-scale 200 suites/test_gpu_scale.py suites/test_vllm.py suites/test_quality.py
     step gpu-decode 200 $PY benchmarks/gpu_decode.py --out "$OUT/gpu-decode"
