@@ -102,6 +102,12 @@ def test_kv_limit_too_small_names_the_bytes_needed(tiny):
         HFEngine(tiny, parse_strategy("streaming:budget=20"), kv_limit_bytes=streaming_need - 1).plan_slots(trace)
 
 
+def test_a_kv_limit_does_not_bound_none(tiny):
+    """`none` keeps no KV, so any KV limit admits every request at once (it used to divide by its 0-byte slot)."""
+    trace = trace_of(tiny, num_requests=3, prompt_len=40, output_len=10, range_ratio=0.0)
+    assert HFEngine(tiny, parse_strategy("none"), kv_limit_bytes=1).plan_slots(trace)[0] == 3
+
+
 def test_kv_limit_caps_resident_bytes_and_keeps_outputs(tiny):
     """Under a limit of two requests' KV, four requests queue, never exceed it, and decode the same tokens."""
     trace = trace_of(tiny, num_requests=4, range_ratio=0.0)

@@ -105,7 +105,8 @@ class HFEngine:
         n_slots = min(self.max_batch, len(trace))
         if self.kv_limit_bytes is not None and self.strategy.reserves_slots:
             slot_bytes = self.strategy.slot_bytes(self.model, slot_tokens, context)
-            n_slots = min(n_slots, self.kv_limit_bytes // slot_bytes)
+            if slot_bytes:  # `none` keeps no KV: a KV limit does not bound it
+                n_slots = min(n_slots, self.kv_limit_bytes // slot_bytes)
             if n_slots < 1:
                 raise KVConfigError(
                     f"kv_limit_bytes={self.kv_limit_bytes} cannot hold one request: {self.strategy.label()} needs "
