@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import os
 import re
 import shutil
@@ -279,13 +280,21 @@ def pareto_section(study: Study, palette: plots.Palette, images: list[Image]) ->
 
 def traffic_section(study: Study, images: list[Image]) -> list[Block]:
     blocks: list[Block] = [Heading("Host <-> device KV traffic")]
-    rows = [r for r in study.budget if r.value("kv_bytes_to_host") is not None]
+    lowest = {}  # the load study at each model's lowest rate under Poisson arrivals: one bar per strategy
+    for r in study.load:
+        if r.arrival == "poisson" and r.study == "load":
+            lowest[(r.device, r.model)] = min(r.rate, lowest.get((r.device, r.model), math.inf))
+    load = [r for r in study.load if r.study == "load" and r.arrival == "poisson"
+            and r.rate == lowest[(r.device, r.model)]]
+    rows = [r for r in study.budget + load if r.value("kv_bytes_to_host") is not None]
     if not rows:
         return blocks + [_missing("KV copy counters under a KV memory limit", "test_budget")]
     movers = sorted({r.label for r in rows if r.value("kv_bytes_to_host") or r.value("kv_bytes_to_device")})
-    blocks.append(Text(f"Exact KV byte counters under a KV memory limit; strategies that moved bytes: "
+    blocks.append(Text(f"Exact KV byte counters of one round, under a KV memory limit (test_budget) and in the load "
+                       f"study at its lowest Poisson rate (test_load); strategies that moved bytes: "
                        f"{', '.join(movers) or 'none'}."))
-    groups = [(f"{test}: {model}, {device}, {_limit(items[0])}", items) for (test, device, model, _), items in
+    groups = [(f"{test}: {model}, {device}, " + (_limit(items[0]) if items[0].kv_limit else f"{items[0].rate:g} req/s"),
+               items) for (test, device, model, _), items in
               grouped(rows, lambda r: (r.test, r.device, r.model, r.kv_limit))]
     title = "KV bytes copied between host and device"
     return blocks + [_image(images, "kv_bytes_to_host-to_device", title, plots.traffic(groups, title), _tests(rows))]
