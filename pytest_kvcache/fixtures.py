@@ -171,7 +171,10 @@ class KVBench:
             while len(bench.rounds) < rounds:
                 bench.run_round()
         except KVOutOfMemory as e:
-            self._out_of_memory(config, str(e))
+            out_of_memory = str(e)
+        else:
+            out_of_memory = None
+        self._fail_if_out_of_memory(config, out_of_memory)
         return self._record(bench.measurement(test_id, suite, config, self.session.machine()))
 
     def capacity(self, trace_at: Callable[[float], Trace], model: LoadedModel, strategy: KVStrategy | str = "full",
@@ -209,14 +212,20 @@ class KVBench:
             found = self.benchmark.pedantic(search, args=(probe, low, high, bisections), rounds=1, iterations=1)
             calibrations.append(machine.calibrate(device))
         except KVOutOfMemory as e:
-            self._out_of_memory(config, str(e))
+            out_of_memory = str(e)
+        else:
+            out_of_memory = None
+        self._fail_if_out_of_memory(config, out_of_memory)
         info = {"capacity_probes": [p.to_json() for p in found.probes], "capacity_censored": found.censored}
         measurement = Measurement(test_id, suite, config, {"capacity_rps": [found.rate]},
                                   sorted(calibrations)[len(calibrations) // 2], self.session.machine(), info)
         return self._record(measurement)
 
-    def _out_of_memory(self, config: dict, message: str) -> None:
-        """Out of memory is a result: recorded in the results file and the summary, then the test fails."""
+    def _fail_if_out_of_memory(self, config: dict, message: str | None) -> None:
+        """Out of memory is a result: recorded in the results file and the summary, then the test fails (outside
+        the except block, so the failure is one line, not a chained traceback)."""
+        if message is None:
+            return
         test_id, suite = _node(self.request)
         failed = Measurement(test_id, suite, config, {}, None, self.session.machine())
         self.session.record_error(self.request.node, failed, message, OUT_OF_MEMORY)
