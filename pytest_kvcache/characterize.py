@@ -211,7 +211,8 @@ def capacity_section(study: Study, palette: plots.Palette, images: list[Image]) 
     groups = grouped(study.capacity, lambda r: (r.device, r.model, r.kv_limit))
     slo = study.capacity[0].m.config.get("slo", {})
     blocks.append(Text(f"Capacity: the highest request rate whose TTFT p90 and TPOT p90 meet the SLO (TTFT "
-                       f"{slo.get('ttft_ms')} ms, TPOT {slo.get('tpot_ms')} ms), one search per strategy."))
+                       f"{slo.get('ttft_ms')} ms, TPOT {slo.get('tpot_ms')} ms), one search per strategy; '>=' marks "
+                       "a search whose highest rate still met the SLO (a lower bound), 0 one whose lowest rate did not."))
     panels = [plots.Panel(f"{model}, {device}, {_limit(rows[0])}", "capacity under the SLO (req/s)", rows,
                           "capacity_rps") for (device, model, _), rows in groups]
     title = "Capacity vs KV budget"
@@ -223,7 +224,9 @@ def capacity_section(study: Study, palette: plots.Palette, images: list[Image]) 
     title = f"Capacity search: {panels[0].title}"
     blocks.append(_image(images, "capacity-search", title, plots.capacity_search(shown, palette, title),
                          _tests(shown)))
-    table = [[r.model, _limit(r), r.label, _fmt(r.budget), _fmt(r.value("capacity_rps"))] for r in study.capacity]
+    table = [[r.model, _limit(r), r.label, _fmt(r.budget),
+              (">= " if r.m.info.get("capacity_censored") else "") + _fmt(r.value("capacity_rps"))]
+             for r in study.capacity]
     return blocks + [Table(["model", "KV limit", "strategy", "budget", "capacity req/s"], table,
                            _tests(study.capacity))]
 
