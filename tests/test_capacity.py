@@ -1,5 +1,6 @@
 """The capacity search: doubling then log-space bisection, the answer and every probe, and its edge cases."""
 
+import json
 import math
 
 import pytest
@@ -46,3 +47,34 @@ def test_bad_search_ranges_are_refused(low, high, bisections):
 def test_meets_needs_both_targets():
     slo = SLO(ttft_ms=100.0, tpot_ms=10.0)
     assert meets(slo, 100.0, 10.0) and not meets(slo, 100.1, 1.0) and not meets(slo, 1.0, 10.1)
+
+
+CAPACITY_SUITE = """
+    import pytest
+    from pytest_kvcache.metrics import SLO
+
+    @pytest.mark.parametrize("ttft_ms", [1e6, 1e-3], ids=["loose", "impossible"])
+    def test_cap(kv_bench, kv_model, request_trace, ttft_ms):
+        def trace_at(rate):
+            return request_trace(model=kv_model, rate=rate, num_requests=4, prompt_len=16, output_len=4, seed=1)
+
+        kv_bench.capacity(trace_at, kv_model, "streaming:budget=0.5", low=64.0, high=128.0, bisections=1,
+                          slo=SLO(ttft_ms=ttft_ms, tpot_ms=1e6))
+"""
+
+
+def test_kv_bench_capacity_records_the_search(pytester):
+    """kv_bench.capacity on the tiny model: capacity_rps and every probe in the results file, the search's plan in
+    the configuration; a loose SLO is met up to the highest rate (a lower bound), an impossible one at no rate."""
+    pytester.makepyfile(test_capsuite=CAPACITY_SUITE)
+    results = pytester.path / "r"
+    pytester.runpytest("-p", "no:cacheprovider", "--kv-cpu", "off", "--kv-baselines", "b", "--kv-results",
+                       str(results)).assert_outcomes(passed=2)
+    outcomes = {o["test_id"]: o["entry"] for o in json.loads((results / "latest.json").read_text())["outcomes"]}
+    loose, impossible = outcomes["test_cap[tiny-loose]"], outcomes["test_cap[tiny-impossible]"]
+    assert loose["metrics"]["capacity_rps"]["samples"] == [128.0] and loose["info"]["capacity_censored"] is True
+    assert [p["rate"] for p in loose["info"]["capacity_probes"]] == [64.0, 128.0]
+    assert impossible["metrics"]["capacity_rps"]["samples"] == [0.0]
+    assert [p["meets_slo"] for p in impossible["info"]["capacity_probes"]] == [False]
+    assert loose["config"]["study"] == "capacity" and loose["config"]["search"]["high"] == 128.0
+    assert loose["calibration_s"] > 0

@@ -10,7 +10,7 @@ import pytest
 from matplotlib.colors import to_rgb
 
 from pytest_kvcache import cli, plots
-from pytest_kvcache.characterize import markdown, page, to_html, write_report
+from pytest_kvcache.characterize import Text, markdown, page, to_html, traffic_section, write_report
 from pytest_kvcache.claims import CONTRADICTED, NOT_MEASURABLE, SUPPORTED, claims
 from pytest_kvcache.results import Measurement, Outcome, Results
 from pytest_kvcache.strategies.base import STRATEGIES
@@ -271,3 +271,26 @@ def test_cli_help_names_the_outputs_and_force(capsys):
     assert cli.main(["report", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "index.html" in text and "README.md" in text and "--force" in text and "RESULTS" in text
+
+
+def test_traffic_includes_the_load_study_at_its_lowest_poisson_rate(monkeypatch):
+    """InfiniGen moves its KV in the load study too: the traffic section reads it there (lowest Poisson rate only,
+    one bar per strategy) beside the budget study, and names the strategies that moved bytes."""
+    def moving(strategy, rate, to_device):
+        m = load(strategy, 5.0, rate=rate)
+        m.metrics.update(kv_bytes_to_host=[to_device / 8], kv_bytes_to_device=[to_device])
+        return m
+
+    rows = study(moving("full", 8.0, 0), moving("infinigen:budget=0.2", 8.0, 2**20),
+                 moving("infinigen:budget=0.2", 32.0, 2**21), budget("full", 500.0, 1.0))
+    drawn = []
+    real = plots.traffic
+    monkeypatch.setattr(plots, "traffic", lambda groups, title: drawn.extend(groups) or real(groups, title))
+    images = []
+    blocks = traffic_section(rows, images)
+    (text,) = [b.text for b in blocks if isinstance(b, Text)]
+    assert "strategies that moved bytes: infinigen:budget=0.2." in text
+    assert [i.name for i in images] == ["kv_bytes_to_host-to_device.png"]
+    by_test = {name.split(":")[0]: [(r.label, r.rate) for r in group] for name, group in drawn}
+    assert by_test["test_load"] == [("full", 8.0), ("infinigen:budget=0.2", 8.0)]
+    assert by_test["test_budget"] == [("full", math.inf)]
