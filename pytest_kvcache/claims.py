@@ -8,7 +8,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pytest_kvcache.study import MIB, Row, Study, Win, grouped
+from pytest_kvcache.metrics import MIB
+from pytest_kvcache.study import Row, Study, Win, grouped
 
 SUPPORTED, CONTRADICTED, NOT_MEASURABLE = "supported", "contradicted", "not measurable here"
 

@@ -185,6 +185,7 @@ class KVBench:
         from pytest_kvcache import machine
         from pytest_kvcache.bench import Bench, round_metrics
         from pytest_kvcache.capacity import Probe, meets, search
+        from pytest_kvcache.stats import median
         from pytest_kvcache.strategies import parse_strategy
 
         strategy = parse_strategy(strategy)
@@ -218,7 +219,7 @@ class KVBench:
         self._fail_if_out_of_memory(config, out_of_memory)
         info = {"capacity_probes": [p.to_json() for p in found.probes], "capacity_censored": found.censored}
         measurement = Measurement(test_id, suite, config, {"capacity_rps": [found.rate]},
-                                  sorted(calibrations)[len(calibrations) // 2], self.session.machine(), info)
+                                  median(calibrations), self.session.machine(), info)
         return self._record(measurement)
 
     def _fail_if_out_of_memory(self, config: dict, message: str | None) -> None:

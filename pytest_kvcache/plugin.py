@@ -387,10 +387,15 @@ def _directly_parametrized(metafunc: pytest.Metafunc, name: str) -> bool:
     return any(name in m.args[0] for m in metafunc.definition.iter_markers("parametrize") if m.args)
 
 
+def _sweep_selected(config: pytest.Config) -> bool:
+    """The characterization sweep is opt-in: it runs when -m names `sweep`."""
+    return "sweep" in (config.getoption("markexpr") or "")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU tests need --gpu; the characterization sweep is opt-in: it runs when -m names `sweep`."""
+    """GPU tests need --gpu; sweep tests need -m sweep."""
     gpu = config.getoption("gpu")
-    sweep = "sweep" in (config.getoption("markexpr") or "")
+    sweep = _sweep_selected(config)
     skip_gpu = pytest.mark.skip(reason="GPU test: run with --gpu on a CUDA machine")
     skip_sweep = pytest.mark.skip(reason="characterization sweep: run it with -m sweep (make characterize)")
     for item in items:
@@ -406,8 +411,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     kv = kv_session(session.config)
     if session.config.option.collectonly:
         return
-    sweep = [item for item in session.items if item.get_closest_marker("sweep") is not None]
-    if sweep and "sweep" in (session.config.getoption("markexpr") or "") and not _is_worker(session.config):
+    if (_sweep_selected(session.config) and not _is_worker(session.config)
+            and any(item.get_closest_marker("sweep") is not None for item in session.items)):
         kv.progress = Progress(len(session.items))
     suites = sorted({Path(str(item.path)).stem for item in session.items
                      if any(f in getattr(item, "fixturenames", ()) for f in KV_FIXTURES)})
@@ -514,8 +519,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         return result
     kv = kv_session(config)
     if kv.updating:
-        _update_baselines(kv, kv.outcomes[kv.baselined :])
-        kv.baselined = len(kv.outcomes)
+        _update_baselines(kv)
     if not _is_worker(config) and len(kv.outcomes) > kv.saved:
         _write_results(kv, complete=False)
     line = kv.progress.step() if kv.progress is not None else None
@@ -532,9 +536,9 @@ def _write_results(kv: KVSession, complete: bool) -> None:
     if kv.results_path is None:
         kv.results_path = _unused_path(kv.results_dir, f"kvcache-{stamp:%Y%m%d-%H%M%S}")
     facts = {**_session_facts(kv), "complete": complete}
-    results = Results(stamp.isoformat(timespec="seconds"), kv.machine(), kv.store.machine_id, facts, kv.outcomes)
-    write_json_atomic(kv.results_path, results.to_json())
-    write_json_atomic(kv.results_dir / "latest.json", results.to_json())
+    data = Results(stamp.isoformat(timespec="seconds"), kv.machine(), kv.store.machine_id, facts, kv.outcomes).to_json()
+    write_json_atomic(kv.results_path, data)
+    write_json_atomic(kv.results_dir / "latest.json", data)
     kv.saved = len(kv.outcomes)
 
 
@@ -546,8 +550,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     kv = kv_session(config)
     if kv.updating:
-        _update_baselines(kv, kv.outcomes[kv.baselined :])
-        kv.baselined = len(kv.outcomes)
+        _update_baselines(kv)
     if _is_worker(config):
         if kv.outcomes:
             config.workeroutput["kvcache"] = json.dumps({
@@ -580,8 +583,10 @@ def _without_timing(m: Measurement) -> Measurement:
     return Measurement(m.test_id, m.suite, m.config, metrics, None, m.machine, m.info)
 
 
-def _update_baselines(kv: KVSession, outcomes: list[Outcome]) -> None:
-    """Write the passed tests among `outcomes` into their suites' baseline files (under the store's lock)."""
+def _update_baselines(kv: KVSession) -> None:
+    """Write the passed tests among the outcomes since the last update into their suites' baseline files (under
+    the store's lock)."""
+    outcomes, kv.baselined = kv.outcomes[kv.baselined :], len(kv.outcomes)
     by_suite: dict[str, list[Measurement]] = {}
     for o in outcomes:
         if o.nodeid in kv.passed and o.error is None:

@@ -6,9 +6,9 @@ import shlex
 
 from tabulate import tabulate
 
+from pytest_kvcache.metrics import MIB
 from pytest_kvcache.results import NEW, NOT_COMPARABLE, REGRESSED, UNCHANGED, UNKNOWN, Measurement, Outcome
 
-MIB = 2**20
 
 
 def _value(m: Measurement, metric: str, scale: float = 1.0, digits: int = 1) -> str:

@@ -9,12 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
+from pytest_kvcache.metrics import MIB
 from pytest_kvcache.results import Measurement, Results
 from pytest_kvcache.strategies import parse_strategy
 from pytest_kvcache.strategies.base import KVStrategy
 
 MEASUREMENT_ONLY = ("track_recall",)  # strategy parameters that change what is recorded, not what is kept
-MIB = 2**20
 
 
 @dataclass(frozen=True)

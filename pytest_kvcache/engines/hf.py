@@ -97,16 +97,15 @@ class HFEngine:
 
     def plan_slots(self, trace: Trace) -> tuple[int, int, int]:
         """(slots, tokens per slot, longest context): the KV limit buys as many slots as fit, the strategy sets their
-        size. Strategies that do not reserve whole slots (paged) get one slot per request and apply the limit
-        themselves."""
+        size. Strategies that do not reserve whole slots (paged, and none, which keeps no KV) get one slot per
+        request and apply the limit themselves, if at all."""
         self._check(trace)
         slot_tokens = max(self.strategy.capacity(r) for r in trace.requests)
         context = trace.max_context_tokens
         n_slots = min(self.max_batch, len(trace))
         if self.kv_limit_bytes is not None and self.strategy.reserves_slots:
             slot_bytes = self.strategy.slot_bytes(self.model, slot_tokens, context)
-            if slot_bytes:  # `none` keeps no KV: a KV limit does not bound it
-                n_slots = min(n_slots, self.kv_limit_bytes // slot_bytes)
+            n_slots = min(n_slots, self.kv_limit_bytes // slot_bytes)
             if n_slots < 1:
                 raise KVConfigError(
                     f"kv_limit_bytes={self.kv_limit_bytes} cannot hold one request: {self.strategy.label()} needs "

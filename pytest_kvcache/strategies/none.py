@@ -48,6 +48,7 @@ class NoKVCache(KVStrategy):
 
     name = "none"
     cache_class = NoCache
+    reserves_slots: ClassVar[bool] = False  # it keeps no KV: a KV limit does not bound how many requests run
     recomputes: ClassVar[bool] = True
 
     def capacity(self, request: Request) -> int:
