@@ -7,6 +7,10 @@
 #   OUT=/tmp/h200 bash benchmarks/run_h200.sh serving    # tiny + llama-1b serving suites: baselines, results (~8 min)
 #   OUT=/tmp/h200 bash benchmarks/run_h200.sh scale      # llama-8b suite, then the decode benchmarks (~8 min)
 #   OUT=/tmp/h200 bash benchmarks/run_h200.sh study      # throughput baselines, then the characterization sweep (~9 min)
+#   OUT=/tmp/h200 bash benchmarks/run_h200.sh rest       # llama-1b throughput baselines merged into the committed
+#                                                        # file, then the sweep's budget/prompt/capacity studies (~9 min)
+#   OUT=/tmp/h200 bash benchmarks/run_h200.sh tune       # decode benchmarks, CUDA tests, step profiles (~9 min)
+#   OUT=/tmp/h200 bash benchmarks/run_h200.sh sweep-rest # the sweep's prompt-length and capacity studies (~5 min)
 #
 # Baselines and results are written as each test finishes, so a step cut off by its limit keeps what it measured.
 set -uo pipefail
@@ -41,6 +45,24 @@ elif [ "$PHASE" = study ]; then
     step gpu-characterization 390 $PY -m pytest suites/test_characterization.py -m sweep --gpu -p no:cacheprovider -rs \
         --durations=0 --kv-results "$OUT/characterization"
     tail -n 30 "$OUT/gpu-characterization.log"
+elif [ "$PHASE" = rest ]; then
+    mkdir -p "$OUT/baselines" && cp -r baselines/nvidia-h200 "$OUT/baselines/"  # merged into: keeps tiny's entries
+    suite gpu-throughput-1b 230 suites/test_throughput.py -k llama-1b
+    step characterization 320 $PY -m pytest suites/test_characterization.py -m sweep --gpu -p no:cacheprovider -rs \
+        --durations=0 -k "test_budget or test_prompt_length or test_capacity" --kv-results "$OUT/characterization"
+    tail -n 40 "$OUT/characterization.log"
+elif [ "$PHASE" = tune ]; then
+    step gpu-decode 260 $PY benchmarks/gpu_decode.py --out "$OUT/gpu-decode"
+    step cuda-tests 170 $PY -m pytest tests/test_cuda.py tests/test_kernels.py -q -p no:cacheprovider --durations=10
+    step gpu-profile 110 $PY benchmarks/gpu_decode.py --only profile --out "$OUT/gpu-profile"
+    cat "$OUT/gpu-decode.md" 2>/dev/null || tail -n 30 "$OUT/gpu-decode.log"
+    tail -n 25 "$OUT/cuda-tests.log"
+    grep -h "^## Profile" "$OUT/gpu-profile.md" 2>/dev/null
+elif [ "$PHASE" = sweep-rest ]; then
+    step characterization-rest "${SWEEP_LIMIT:-300}" $PY -m pytest suites/test_characterization.py -m sweep --gpu \
+        -p no:cacheprovider -rs --durations=0 -k "${SWEEP_K:-test_prompt_length or test_capacity}" \
+        --kv-results "$OUT/characterization"
+    tail -n 40 "$OUT/characterization-rest.log"
 else
     suite gpu-scale 200 suites/test_gpu_scale.py suites/test_vllm.py suites/test_quality.py
     step gpu-decode 200 $PY benchmarks/gpu_decode.py --out "$OUT/gpu-decode"
