@@ -10,8 +10,8 @@ rows of one matrix product, so each KV byte is read once); programs of chunks pa
 the last program of a (request, KV head) to finish combines the partials in the same launch (an atomic counter), so
 one launch does the whole attention and it can be captured in a CUDA graph. Keys are read either from per-slot
 storage (S, Hkv, T, D), row r reading slot r, or through a block table from a pool of blocks (paged). For a
-captured step the chunk/tile/pipelining configuration is autotuned per shape (rows rounded up to a power of two)
-during the warm-up before capture; eager steps use the fixed default.
+captured step the chunk/tile/pipelining configuration is tuned per shape (rows rounded up to a power of two) during
+the warm-up before capture, timed with every row at the full capacity; eager steps use the fixed default.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 CHUNK, BLOCK_N = 256, 64  # the configuration that measured 84-87% of the bandwidth at batch 32 on an H200
-SMALLEST_CHUNK = 128
+SMALLEST_CHUNK = 64  # the workspace holds partials for chunks this small
 
 
 @triton.jit
@@ -91,17 +91,12 @@ def _decode_attention_kernel(
         active = tl.cdiv(length, CHUNK)
         done = tl.atomic_add(LOCKS + row * kv_heads + head, 1)
         if done == active - 1:
-            # combine the chunks' partials, COMBINE chunks per vector load (their loads are independent)
+            # combine the chunks' partials in one pass (online rescaling, as within a chunk), COMBINE chunks per
+            # vector load: their loads are independent, so a long combine is a few round trips, not 2 x chunks
             first = (row * kv_heads + head) * n_chunks
             gg = tl.arange(0, GROUP_P2)
             real = gg < G
             big_m = tl.full([GROUP_P2], float("-inf"), tl.float32)
-            for j0 in range(0, active, COMBINE):
-                js = first + j0 + tl.arange(0, COMBINE)
-                there = ((j0 + tl.arange(0, COMBINE)) < active)[:, None] & real[None, :]
-                mj = tl.load(PART_M + js[:, None] * G + gg[None, :], mask=there, other=float("-inf"),
-                             cache_modifier=".cg")
-                big_m = tl.maximum(big_m, tl.max(mj, 0))
             big_l = tl.zeros([GROUP_P2], tl.float32)
             out = tl.zeros([GROUP_P2, D], tl.float32)
             for j0 in range(0, active, COMBINE):
@@ -110,11 +105,14 @@ def _decode_attention_kernel(
                 mj = tl.load(PART_M + js[:, None] * G + gg[None, :], mask=there, other=float("-inf"),
                              cache_modifier=".cg")
                 lj = tl.load(PART_L + js[:, None] * G + gg[None, :], mask=there, other=0.0, cache_modifier=".cg")
-                w = tl.where(there, tl.exp(mj - big_m[None, :]), 0.0)
                 oj = tl.load(PART_O + (js[:, None, None] * G + gg[None, :, None]) * D + d[None, None, :],
                              mask=there[:, :, None], other=0.0, cache_modifier=".cg")
-                big_l += tl.sum(lj * w, 0)
-                out += tl.sum(oj * w[:, :, None], 0)
+                m_new = tl.maximum(big_m, tl.max(mj, 0))  # finite for real rows: chunk 0 holds >= 1 valid cell
+                alpha = tl.where(real, tl.exp(big_m - m_new), 0.0)
+                w = tl.where(there, tl.exp(mj - m_new[None, :]), 0.0)
+                big_l = big_l * alpha + tl.sum(lj * w, 0)
+                out = out * alpha[:, None] + tl.sum(oj * w[:, :, None], 0)
+                big_m = m_new
             big_l = tl.where(real, big_l, 1.0)
             heads_out = head * G + gg
             o_ptrs = OUT + row * stride_or + heads_out[:, None] * stride_oh + d[None, :]
@@ -143,15 +141,16 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                      scale: float, workspace: DecodeWorkspace, out: torch.Tensor, *,
                      block_table: torch.Tensor | None = None, sink_query: torch.Tensor | None = None,
                      n_sink: int = 0, logits: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-                     tuned: bool = False) -> None:
+                     tuned: bool = False, config: triton.Config | None = None) -> None:
     """out (R, Hq, D) = softmax(q k^T * scale) v over the first lengths[r] cells of each request r.
 
     q (R, Hq, D); keys/values (S, Hkv, T, D) per-slot storage (row r reads slot r), or with block_table (R, max
     blocks) a pool (blocks, Hkv, block_size, D); lengths (R,) integer (0: the row is skipped and `out` left as is).
     sink_query (R, Hq, D) replaces q for cells < n_sink (StreamingLLM's sinks, see strategies/streaming.py).
     logits (R, Hq, T) float32 receives the scaled scores of the valid cells and lse (R, Hq) their log-sum-exp
-    (H2O's accumulated attention is exp(logits - lse)). tuned: autotune the configuration for this shape (only
-    where every shape is first seen outside a graph capture: the captured step's warm-up).
+    (H2O's accumulated attention is exp(logits - lse)). tuned: the configuration tuned for this shape (see
+    _tuned_config; only where every shape is first seen outside a graph capture: the captured step's warm-up).
+    config: this configuration instead (benchmarks compare them).
     """
     rows, q_heads, dim = q.shape
     kv_heads = keys.shape[1]
@@ -176,39 +175,69 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     group_p2 = triton.next_power_of_2(group)
     flags = dict(G=group, BLOCK_G=max(16, group_p2), D=dim, PAGED=paged, BLOCK_SIZE=keys.shape[2] if paged else 1,
                  HAS_SINK=sink_query is not None, WRITE_LOGITS=write_logits, PRECISION=_precision(q),
-                 GROUP_P2=group_p2, COMBINE=max(1, 2048 // (group_p2 * dim)))
+                 GROUP_P2=group_p2, COMBINE=max(1, 4096 // (group_p2 * dim)))
 
-    def grid(meta):
-        return (triton.cdiv(workspace.capacity, meta["CHUNK"]), kv_heads, rows)
-
-    if tuned:
-        _tuned_attention[grid](*args, **flags)
-    else:
-        _decode_attention_kernel[grid](*args, **flags, CHUNK=CHUNK, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2)
+    if config is None:
+        config = (_tuned_config(q, keys, lengths, table, out, logit_buf, args, flags, workspace.capacity) if tuned
+                  else DEFAULT_CONFIG)
+    _launch(config, args, flags, workspace.capacity, kv_heads, rows)
 
 
-def _short_bench(fn, quantiles=None):
-    """The autotuner's timing, shortened (5 ms warm-up, 20 ms of runs): it runs once per shape before capture.
-    In Triton's interpreter (the CPU tests) one timed run, so the tuned launch path is exercised there too."""
+def _launch(config: triton.Config, args: tuple, flags: dict, capacity: int, kv_heads: int, rows: int) -> None:
+    grid = (triton.cdiv(capacity, config.kwargs["CHUNK"]), kv_heads, rows)
+    _decode_attention_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps,
+                                   num_stages=config.num_stages)
+
+
+def _short_bench(fn) -> float:
+    """Mean ms of fn (Triton's do_bench, shortened to a 5 ms warm-up and 20 ms of runs): it runs once per shape
+    before capture. In Triton's interpreter (the CPU tests) one timed run, so the tuned path is exercised there too."""
     if INTERPRETED:
         start = time.perf_counter()
         fn()
-        elapsed = (time.perf_counter() - start) * 1e3
-        return [elapsed] * len(quantiles) if quantiles else elapsed
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+        return (time.perf_counter() - start) * 1e3
+    return triton.testing.do_bench(fn, warmup=5, rep=20)
 
 
-_ATTENTION_CONFIGS = [  # few: each one compiles once per kernel specialization
-    triton.Config({"CHUNK": CHUNK, "BLOCK_N": BLOCK_N}, num_warps=4, num_stages=2),
+DEFAULT_CONFIG = triton.Config({"CHUNK": CHUNK, "BLOCK_N": BLOCK_N}, num_warps=4, num_stages=2)  # eager steps
+ATTENTION_CONFIGS = [  # few: each one compiles once per kernel specialization
+    DEFAULT_CONFIG,
     triton.Config({"CHUNK": 512, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"CHUNK": SMALLEST_CHUNK, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"CHUNK": 128, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"CHUNK": SMALLEST_CHUNK, "BLOCK_N": 64}, num_warps=4, num_stages=2),  # small batches fill the SMs
 ]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_tuned_attention = triton.autotune(
-    configs=_ATTENTION_CONFIGS,
-    key=["rows_key", "capacity", "G", "D", "PAGED", "HAS_SINK", "WRITE_LOGITS"],
-    do_bench=_short_bench,
-)(_decode_attention_kernel)
+TUNED: dict[tuple, triton.Config] = {}  # shape key -> the configuration chosen for it (see _tuned_config)
+
+
+def _tuned_config(q, keys, lengths, table, out, logits, args, flags, capacity) -> triton.Config:
+    """The fastest of ATTENTION_CONFIGS for this shape, timed once per shape with every row at the full capacity
+    (the warm-up before capture runs with the rows nearly empty: timing those launches picks by noise), into a
+    scratch output, and for a pool through a block table of distinct blocks. Keyed by the rows rounded up to a power
+    of two, the capacity, the dtypes and the kernel's specialization."""
+    rows, kv_heads = q.shape[0], keys.shape[1]
+    paged = flags["PAGED"]
+    cells = table.shape[1] * keys.shape[2] if paged else keys.shape[2]
+    key = (triton.next_power_of_2(rows), capacity, cells, str(q.dtype), str(keys.dtype), str(logits.dtype),
+           *sorted(flags.items()))
+    config = TUNED.get(key)
+    if config is None:
+        tune_args = list(args)
+        tune_args[4] = torch.full_like(lengths, min(capacity, cells))  # LENGTHS
+        if paged:  # TABLE
+            blocks = torch.arange(table.numel(), device=table.device) % keys.shape[0]
+            tune_args[5] = blocks.to(table.dtype).view(table.shape)
+        tune_args[6] = torch.empty_like(out)  # OUT
+        times = [_short_bench(lambda c=c: _launch(c, tuple(tune_args), flags, capacity, kv_heads, rows))
+                 for c in ATTENTION_CONFIGS]
+        config = TUNED[key] = ATTENTION_CONFIGS[times.index(min(times))]
+    return config
+
+
+def tuned_configs() -> list[dict]:
+    """Every shape tuned in this process and the configuration chosen for it (for benchmark reports)."""
+    return [{"rows_pow2": key[0], "capacity": key[1], **dict(key[6:]), **config.kwargs,
+             "num_warps": config.num_warps, "num_stages": config.num_stages} for key, config in TUNED.items()]
 
 
 def _precision(x: torch.Tensor) -> str:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pytest_kvcache.engines.decoder import Decoder
+from pytest_kvcache.engines.decoder import Decoder, greedy
 from pytest_kvcache.engines.hf import HFEngine
 from pytest_kvcache.errors import KVOutOfMemory
 from pytest_kvcache.memory import MemoryWatcher
@@ -48,6 +48,15 @@ def test_captured_steps_equal_eager_steps(spec, monkeypatch):
     eager = HFEngine(model, parse_strategy(spec)).run(trace)
     assert tokens(with_graphs) == tokens(eager)
     assert with_graphs.counters == eager.counters
+
+
+@pytest.mark.parametrize("vocab", [128256, 49152, 1024])
+def test_greedy_is_argmax_ties_included(vocab):
+    """The two-level argmax of the CUDA step returns argmax's index, the first of tied maxima too."""
+    gen = torch.Generator(device="cuda").manual_seed(vocab)
+    for rows in (1, 8, 33):
+        logits = (torch.randn(rows, vocab, device="cuda", generator=gen) * 2).round().to(torch.bfloat16)
+        assert torch.equal(greedy(logits), logits.argmax(dim=-1))
 
 
 @pytest.mark.parametrize("spec", ["full", "streaming:budget=0.3", "h2o:budget=0.3", "paged:block_size=16"])

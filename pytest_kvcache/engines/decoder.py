@@ -122,6 +122,19 @@ def routed_attention(model: LoadedModel):
         model.model.set_attn_implementation(previous)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax(logits, -1) of (B, V) logits: on CUDA in two levels (the maximum of each of ~V/768 pieces, then of
+    the pieces), since one reduction per row over a 128k vocabulary takes ~36 us on an H200 whatever the batch;
+    each level returns the first maximal index, so the result is argmax's own, ties included."""
+    rows, vocab = logits.shape
+    piece = next((p for p in (768, 1024, 512, 384, 256) if vocab % p == 0 and vocab > 4 * p), 0)
+    if not logits.is_cuda or not piece:
+        return logits.argmax(dim=-1)
+    values, inner = logits.view(rows, vocab // piece, piece).max(dim=-1)
+    which = values.argmax(dim=-1, keepdim=True)
+    return (which * piece + inner.gather(1, which)).squeeze(1)
+
+
 @dataclass
 class FusedLayer:
     """One layer's decode weights on CUDA: views that the transformers modules share."""
@@ -210,7 +223,7 @@ class Decoder:
         else:
             out = self._step(batch)
             if not logits:
-                out = out.argmax(dim=-1)
+                out = greedy(out)
         if timed:
             end.record()
             self.step_times.append((start, end, cache.step_kv_bytes(batch)))
@@ -235,7 +248,7 @@ class Decoder:
             for batch in range(1, max_batch + 1):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = self._step(batch).argmax(dim=-1)
+                    out = greedy(self._step(batch))
                 self.graphs[batch] = (graph, out)
         torch.cuda.synchronize()
 
