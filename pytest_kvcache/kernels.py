@@ -206,12 +206,21 @@ ATTENTION_CONFIGS = [  # few: each one compiles once per kernel specialization
     triton.Config({"CHUNK": 128, "BLOCK_N": 64}, num_warps=4, num_stages=2),
     triton.Config({"CHUNK": SMALLEST_CHUNK, "BLOCK_N": 64}, num_warps=4, num_stages=2),  # small batches fill the SMs
 ]
+WIDE_TILE_CONFIGS = [  # head dims of 64 and less (the 1B shape): tiles of 128 keys, half the iterations per chunk
+    triton.Config({"CHUNK": 512, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+    triton.Config({"CHUNK": 256, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TUNED: dict[tuple, triton.Config] = {}  # shape key -> the configuration chosen for it (see _tuned_config)
 
 
+def configs_for(dim: int) -> list[triton.Config]:
+    """The configurations tuning chooses from for head dimension `dim`."""
+    return ATTENTION_CONFIGS + (WIDE_TILE_CONFIGS if dim <= 64 else [])
+
+
 def _tuned_config(q, keys, lengths, table, out, logits, args, flags, capacity) -> triton.Config:
-    """The fastest of ATTENTION_CONFIGS for this shape, timed once per shape with every row at the full capacity
+    """The fastest of configs_for(head dim) for this shape, timed once per shape with every row at the full capacity
     (the warm-up before capture runs with the rows nearly empty: timing those launches picks by noise), into a
     scratch output, and for a pool through a block table of distinct blocks. Keyed by the rows rounded up to a power
     of two, the capacity, the dtypes and the kernel's specialization."""
@@ -228,9 +237,10 @@ def _tuned_config(q, keys, lengths, table, out, logits, args, flags, capacity) -
             blocks = torch.arange(table.numel(), device=table.device) % keys.shape[0]
             tune_args[5] = blocks.to(table.dtype).view(table.shape)
         tune_args[6] = torch.empty_like(out)  # OUT
+        configs = configs_for(flags["D"])
         times = [_short_bench(lambda c=c: _launch(c, tuple(tune_args), flags, capacity, kv_heads, rows))
-                 for c in ATTENTION_CONFIGS]
-        config = TUNED[key] = ATTENTION_CONFIGS[times.index(min(times))]
+                 for c in configs]
+        config = TUNED[key] = configs[times.index(min(times))]
     return config
 
 
