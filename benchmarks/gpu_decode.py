@@ -7,9 +7,10 @@ replayed from CUDA graphs and timed with CUDA events):
      time / copy bandwidth, for the issue's shapes (8B b1 ctx 2k, 8B b32 ctx 2k, 8B b32 ctx 8k, 1B b8 ctx 2k);
   3. a 20% KV budget at 8B, batch 32, context 8k: streaming and h2o decode tokens/s against the full cache's;
   4. decode attention alone over a ragged batch (8B layer: 32 query / 8 KV heads, d 128; batch 32, lengths uniform
-     in 512-4096): the split-K kernel as the engine's captured step runs it (its configuration tuned for the shape)
-     and with each configuration it chooses from, padded SDPA with a mask, and FlexAttention, as a fraction of the
-     bytes the valid KV needs per layer (each captured in a CUDA graph).
+     in 512-4096), and over the two small-batch shapes (8B layer at batch 1, 1B layer (d 64) at batch 8, length
+     2048): the split-K kernel as the engine's captured step runs it (its configuration tuned for the shape) and
+     with each candidate configuration, padded SDPA with a mask (and on the ragged batch FlexAttention), as a
+     fraction of the bytes the valid KV needs per layer (each captured in a CUDA graph).
 
     python benchmarks/gpu_decode.py --out benchmarks/results/gpu-decode-h200   (writes .json and .md)
     python benchmarks/gpu_decode.py --only attention                           (one part)
@@ -121,17 +122,47 @@ def profile_step(model, strategy: str, batch: int, context: int, steps: int = 8)
             "launches_per_step": sum(e.count for e in kernels) / steps, "gpu_us_per_step": total_us, "top": rows}
 
 
-def ragged_attention(bandwidth: float, batch: int = 32, low: int = 512, high: int = 4096) -> list[dict]:
-    """Decode attention of one 8B layer over a ragged batch: bytes the valid KV needs / time / bandwidth."""
+ATTENTION_CASES = [  # (name, query heads, KV heads, head dim, batch, lengths low-high, cells)
+    ("ragged: 8B layer, batch 32, lengths 512-4096", 32, 8, 128, 32, (512, 4096), 4096),
+    ("8B layer, batch 1, length 2048", 32, 8, 128, 1, (2048, 2048), 2080),
+    ("1B layer, batch 8, length 2048", 32, 8, 64, 8, (2048, 2048), 2080),
+]
+
+
+def candidate_configs(dim: int) -> list:
+    """What tuning chooses from at this head dim, and a few more, each timed alone (the decode cases use only the
+    former): tiles of 128 keys and 8 warps."""
+    import triton
+
+    from pytest_kvcache import kernels
+
+    extra = [triton.Config({"CHUNK": 512, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+             triton.Config({"CHUNK": 256, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+             triton.Config({"CHUNK": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+             triton.Config({"CHUNK": 256, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+             triton.Config({"CHUNK": 1024, "BLOCK_N": 64}, num_warps=4, num_stages=3)]
+    tuned = kernels.configs_for(dim)
+    seen = {_config_name(c) for c in tuned}
+    return tuned + [c for c in extra if _config_name(c) not in seen]
+
+
+def _config_name(config) -> str:
+    return (f"CHUNK {config.kwargs['CHUNK']} / BLOCK_N {config.kwargs['BLOCK_N']}, {config.num_warps} warps, "
+            f"{config.num_stages} stages")
+
+
+def attention_case(bandwidth: float, name: str, q_heads: int, kv_heads: int, dim: int, batch: int,
+                   span: tuple[int, int], cells: int, flex: bool) -> dict:
+    """Decode attention of one layer: bytes the valid KV needs / time / bandwidth, for the kernel as the captured
+    step runs it (tuned for the shape), with each candidate configuration, padded SDPA (+ FlexAttention)."""
     from pytest_kvcache import kernels
     from pytest_kvcache.engines.attention import KernelAttention
     from pytest_kvcache.strategies.base import AttendSpec
 
-    q_heads, kv_heads, dim, dtype = 32, 8, 128, torch.bfloat16
+    dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(1)
-    lengths_list = torch.randint(low, high + 1, (batch,), generator=gen).tolist()
+    lengths_list = torch.randint(span[0], span[1] + 1, (batch,), generator=gen).tolist()
     lengths = torch.tensor(lengths_list, device="cuda")
-    cells = high
     keys = torch.randn(batch, kv_heads, cells, dim, device="cuda", dtype=dtype)
     values = torch.randn_like(keys)
     q = torch.randn(batch, q_heads, dim, device="cuda", dtype=dtype)
@@ -162,44 +193,47 @@ def ragged_attention(bandwidth: float, batch: int = 32, low: int = 512, high: in
                                                                 scale=scale, enable_gqa=True)
 
     variants = {"split-K Triton kernel (ours), tuned as in the captured step": split_k}
-    for config in kernels.ATTENTION_CONFIGS:
-        name = f"split-K, CHUNK {config.kwargs['CHUNK']} / BLOCK_N {config.kwargs['BLOCK_N']}, {config.num_warps} warps"
+    for config in candidate_configs(dim):
+        label = "split-K, " + _config_name(config)
         if config is kernels.DEFAULT_CONFIG:
-            name += " (eager default)"
-        variants[name] = with_config(config)
+            label += " (eager default)"
+        elif config not in kernels.configs_for(dim):
+            label += " (not among the tuned choices)"
+        variants[label] = with_config(config)
     variants["padded SDPA + mask"] = padded_sdpa
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        def valid_cell(b, h, q_idx, kv_idx):
-            return kv_idx < lengths[b]
+            def valid_cell(b, h, q_idx, kv_idx):
+                return kv_idx < lengths[b]
 
-        block_mask = create_block_mask(valid_cell, batch, None, 1, cells, device="cuda")
-        compiled = torch.compile(flex_attention)
+            block_mask = create_block_mask(valid_cell, batch, None, 1, cells, device="cuda")
+            compiled = torch.compile(flex_attention)
 
-        def flex():
-            return compiled(q[:, :, None], keys, values, block_mask=block_mask, scale=scale, enable_gqa=True)
+            def flex_attn():
+                return compiled(q[:, :, None], keys, values, block_mask=block_mask, scale=scale, enable_gqa=True)
 
-        variants["FlexAttention (compiled)"] = flex
-    except Exception as error:  # noqa: BLE001 - recorded as a result, the other variants still run
-        variants["FlexAttention (compiled)"] = error
+            variants["FlexAttention (compiled)"] = flex_attn
+        except Exception as error:  # noqa: BLE001 - recorded as a result, the other variants still run
+            variants["FlexAttention (compiled)"] = error
     reference = padded_sdpa()[:, :, 0].float()
     rows = []
-    for name, fn in variants.items():
+    for label, fn in variants.items():
         if isinstance(fn, Exception):
-            rows.append({"variant": name, "error": f"{type(fn).__name__}: {fn}"[:300]})
+            rows.append({"variant": label, "error": f"{type(fn).__name__}: {fn}"[:300]})
             continue
         try:
             out = fn()
             out = out[:, :, 0] if out.dim() == 4 else out
             error = float((out.float() - reference).norm() / reference.norm())
             ms = _graph_time(fn)
-            rows.append({"variant": name, "ms": ms, "valid_kv_fraction": valid_bytes / (ms / 1e3) / bandwidth,
+            rows.append({"variant": label, "ms": ms, "valid_kv_fraction": valid_bytes / (ms / 1e3) / bandwidth,
                          "relative_error_vs_sdpa": error})
         except Exception as failure:  # noqa: BLE001 - recorded as a result
-            rows.append({"variant": name, "error": f"{type(failure).__name__}: {failure}"[:300]})
-    rows[0]["config"] = kernels.tuned_configs()[tuned_before:]
-    return rows
+            rows.append({"variant": label, "error": f"{type(failure).__name__}: {failure}"[:300]})
+    return {"case": name, "valid_kv_bytes": valid_bytes, "rows": rows,
+            "tuned_config": kernels.tuned_configs()[tuned_before:]}
 
 
 def _graph_time(fn, replays: int = 50) -> float:
@@ -248,20 +282,19 @@ def markdown(report: dict) -> str:
                       f"{entry['gpu_us_per_step']:.0f} us of kernels per eager step)", "",
                   "| kernel | calls/step | us/step |", "|---|---|---|"]
         lines += [f"| `{row['kernel']}` | {row['calls_per_step']:.0f} | {row['us_per_step']:.1f} |" for row in entry["top"]]
-    if report.get("attention"):
-        lines += ["", "## Decode attention, ragged batch (8B layer, batch 32, lengths 512-4096)", "",
+    for case in report.get("attention", []):
+        lines += ["", f"## Decode attention, {case['case']}", "",
                   "| variant | us/layer | valid-KV bandwidth | rel. error vs SDPA |", "|---|---|---|---|"]
-        for row in report["attention"]:
+        for row in case["rows"]:
             if "error" in row:
                 lines.append(f"| {row['variant']} | failed: {row['error']} | | |")
             else:
                 lines.append(f"| {row['variant']} | {row['ms'] * 1e3:.1f} | {row['valid_kv_fraction']:.0%} | "
                              f"{row['relative_error_vs_sdpa']:.1e} |")
-        chosen = report["attention"][0].get("config") or []
-        if chosen:
-            lines += ["", "The tuned kernel chose " + ", ".join(
+        if case["tuned_config"]:
+            lines += ["", "Tuning chose " + ", ".join(
                 f"CHUNK {c['CHUNK']} / BLOCK_N {c['BLOCK_N']} ({c['num_warps']} warps, {c['num_stages']} stages)"
-                for c in chosen) + " (timed with every row at the full capacity)."]
+                for c in case["tuned_config"]) + " (timed with every row at the full capacity)."]
     return "\n".join(lines) + "\n"
 
 
@@ -294,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
             report["profile"].append(profile_step(model(name), strategy, batch, context))
             print(json.dumps(report["profile"][-1]), flush=True)
     if "attention" in parts:
-        report["attention"] = ragged_attention(bandwidth)
-        print(json.dumps(report["attention"]), flush=True)
+        report["attention"] = []
+        for n, case in enumerate(ATTENTION_CASES):
+            report["attention"].append(attention_case(bandwidth, *case, flex=n == 0))
+            print(json.dumps(report["attention"][-1]), flush=True)
     if "decode" in parts:
         report["decode"] = []
         for name, batch, context, target in DECODE_CASES:
