@@ -52,9 +52,9 @@ elif [ "$PHASE" = rest ]; then
         --durations=0 -k "test_budget or test_prompt_length or test_capacity" --kv-results "$OUT/characterization"
     tail -n 40 "$OUT/characterization.log"
 elif [ "$PHASE" = tune ]; then
-    step gpu-decode 260 $PY benchmarks/gpu_decode.py --out "$OUT/gpu-decode"
-    step cuda-tests 170 $PY -m pytest tests/test_cuda.py tests/test_kernels.py -q -p no:cacheprovider --durations=10
-    step gpu-profile 110 $PY benchmarks/gpu_decode.py --only profile --out "$OUT/gpu-profile"
+    step gpu-decode 240 $PY benchmarks/gpu_decode.py --out "$OUT/gpu-decode"
+    step cuda-tests 200 $PY -m pytest tests/test_cuda.py tests/test_kernels.py -q -p no:cacheprovider --durations=10
+    step gpu-profile 100 $PY benchmarks/gpu_decode.py --only profile --out "$OUT/gpu-profile"
     cat "$OUT/gpu-decode.md" 2>/dev/null || tail -n 30 "$OUT/gpu-decode.log"
     tail -n 25 "$OUT/cuda-tests.log"
     grep -h "^## Profile" "$OUT/gpu-profile.md" 2>/dev/null
