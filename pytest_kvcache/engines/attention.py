@@ -4,7 +4,7 @@ kernel on CUDA (pytest_kvcache/kernels.py).
 Why a kernel of our own on CUDA: SDPA with a boolean mask and GQA dispatches to cuDNN, which re-plans every step as
 the span grows (~45 ms of host time per step on an H200), and a padded mask reads every row up to the longest; the
 split-K kernel takes per-request lengths, reads each KV head once for its query group and is captured in the step's
-CUDA graph (benchmarks/gpu_attention.py compares it with padded SDPA and FlexAttention on a ragged batch).
+CUDA graph (benchmarks/gpu_decode.py compares it with padded SDPA and FlexAttention on a ragged batch).
 """
 
 from __future__ import annotations
