@@ -141,7 +141,7 @@ def candidate_configs(dim: int) -> list:
              triton.Config({"CHUNK": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
              triton.Config({"CHUNK": 256, "BLOCK_N": 128}, num_warps=8, num_stages=2),
              triton.Config({"CHUNK": 1024, "BLOCK_N": 64}, num_warps=4, num_stages=3)]
-    tuned = kernels.configs_for(dim)
+    tuned = list(kernels.ATTENTION_CONFIGS)
     seen = {_config_name(c) for c in tuned}
     return tuned + [c for c in extra if _config_name(c) not in seen]
 
@@ -197,7 +197,7 @@ def attention_case(bandwidth: float, name: str, q_heads: int, kv_heads: int, dim
         label = "split-K, " + _config_name(config)
         if config is kernels.DEFAULT_CONFIG:
             label += " (eager default)"
-        elif config not in kernels.configs_for(dim):
+        elif config not in kernels.ATTENTION_CONFIGS:
             label += " (not among the tuned choices)"
         variants[label] = with_config(config)
     variants["padded SDPA + mask"] = padded_sdpa

@@ -210,15 +210,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TUNED: dict[tuple, triton.Config] = {}  # shape key -> the configuration chosen for it (see _tuned_config)
 
 
-def configs_for(dim: int) -> list[triton.Config]:
-    """The configurations tuning chooses from for head dimension `dim`: the same for every head dim (tiles of 128
-    keys for head dims of 64, tried on an H200 in device call 12, left the 1B decode step where it was, 1.34 ms
-    against 1.33, and cost two more compiles per kernel specialization)."""
-    return ATTENTION_CONFIGS
-
-
 def _tuned_config(q, keys, lengths, table, out, logits, args, flags, capacity) -> triton.Config:
-    """The fastest of configs_for(head dim) for this shape, timed once per shape with every row at the full capacity
+    """The fastest of ATTENTION_CONFIGS for this shape, timed once per shape with every row at the full capacity
     (the warm-up before capture runs with the rows nearly empty: timing those launches picks by noise), into a
     scratch output, and for a pool through a block table of distinct blocks. Keyed by the rows rounded up to a power
     of two, the capacity, the dtypes and the kernel's specialization."""
@@ -235,10 +228,9 @@ def _tuned_config(q, keys, lengths, table, out, logits, args, flags, capacity) -
             blocks = torch.arange(table.numel(), device=table.device) % keys.shape[0]
             tune_args[5] = blocks.to(table.dtype).view(table.shape)
         tune_args[6] = torch.empty_like(out)  # OUT
-        configs = configs_for(flags["D"])
         times = [_short_bench(lambda c=c: _launch(c, tuple(tune_args), flags, capacity, kv_heads, rows))
-                 for c in configs]
-        config = TUNED[key] = configs[times.index(min(times))]
+                 for c in ATTENTION_CONFIGS]
+        config = TUNED[key] = ATTENTION_CONFIGS[times.index(min(times))]
     return config
 
 
