@@ -4,14 +4,15 @@
     python benchmarks/gate_experiments.py analyze DATA [DATA ...] --name NAME
     python benchmarks/gate_experiments.py timed OUT --slowdown 0.1 [-- PYTEST_ARGS]
 
-`collect` checks out HEAD twice (as `kvbench compare HEAD HEAD` does) and runs one long interleaved sequence of
-sessions through compare's own runner and fork server while `python3 -c 'while True: pass'` keeps one core busy
-all along. A block holds one session of every variant in a random order: A and B are plain sessions of the two
-checkouts, Sxx are sessions of the second checkout whose decode step is planted xx% slower
-(benchmarks/plant_slowdown.py, through KVBENCH_PLANT_SLOWDOWN). Every session's per-round values are appended to
-DATA/sessions.jsonl, so a run can be stopped and resumed.
+`collect` checks out HEAD twice (as `kvbench compare HEAD HEAD` does) and runs one long sequence of blocks through
+compare's own runner, fork server and turn-taking while `python3 -c 'while True: pass'` keeps one core busy all
+along. A block is one pair as compare runs it: a session of A and one of another variant at once, interleaved round
+by round, the leading side drawn; the other variants take turns, each once per cycle in a drawn order. A and B are
+plain sessions of the two checkouts, Sxx are sessions of the second checkout whose decode step is planted xx%
+slower (benchmarks/plant_slowdown.py, through KVBENCH_PLANT_SLOWDOWN). Every session's per-round values are appended
+to DATA/sessions.jsonl, so a run can be stopped and resumed.
 
-`analyze` forms the pairs (A, B) for A/A and (A, Sxx) for power, block by block, and cuts each stream into
+`analyze` forms the pairs (A, B) for A/A and (A, Sxx) for power from the blocks, and cuts each stream into
 disjoint groups of consecutive pairs, each judged by compare's own adaptive rule and verdicts (kvbench compare's
 smoke defaults); it writes benchmarks/results/NAME.md and NAME.json. `timed` runs one real `kvbench compare` with
 a planted slowdown and records its wall time and verdicts.
@@ -50,7 +51,10 @@ from pytest_kvcache.compare import (
     sequential,
     worktree,
 )
+from pytest_kvcache.gate import pair_log_ratio
 from pytest_kvcache.results import Measurement
+from pytest_kvcache.stats import min_pairs
+from pytest_kvcache.turns import Conductor
 
 RESULTS = ROOT / "benchmarks" / "results"
 VARIABLE = "KVBENCH_PLANT_SLOWDOWN"
@@ -120,7 +124,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
     (data / "setup.json").write_text(json.dumps({"variants": variants, "pytest_args": pytest_args,
                                                  "commit": resolve(ROOT, "HEAD")}, indent=1) + "\n")
     rng = random.Random(args.seed)
-    orders = [rng.sample(variants, len(variants)) for _ in range(args.blocks)]
+    heads = [v for v in variants if v != "A"]
+    plan = []  # (head variant, leading session) per block: every head once per cycle, in a drawn order
+    while len(plan) < args.blocks:
+        plan += [(head, rng.choice(["A", head])) for head in rng.sample(heads, len(heads))]
     commit = resolve(ROOT, "HEAD")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # remove the worktrees when stopped
     neighbour = busy_neighbour()
@@ -132,27 +139,33 @@ def cmd_collect(args: argparse.Namespace) -> int:
                      "head": stack.enter_context(worktree(ROOT, commit, data / "tree-b"))}
             server = ForkServer()
             stack.push(lambda kind, *_: server.close(interrupted=kind is not None))
-            runner = Runner(trees, pytest_args, data / "sessions", server)
+            conductor = Conductor(seed=args.seed)
+            stack.callback(conductor.close)
+            runner = Runner(trees, pytest_args, data / "sessions", server, conductor)
             with index.open("a") as out:
-                for block, order in enumerate(orders):
+                for block, (head, lead) in enumerate(plan[:args.blocks]):
                     if block in complete:
                         continue
                     while (data / "pause").exists():  # `touch DATA/pause` holds the run between blocks
                         time.sleep(10)
                     waited, before = wait_until_quiet(watched, args.quiet_below, args.max_wait)
-                    for position, name in enumerate(order):
-                        runner.env = {"head": variant_env(name)}
-                        busy, own = busy_seconds(), own_seconds(watched)
-                        session = runner.session("base" if name == "A" else "head", block)
-                        foreign = busy_seconds() - busy - (own_seconds(watched) - own) - session.cpu_s
+                    runner.env = {head: variant_env(head)}
+                    first = [lead, "A" if lead == head else head]
+                    busy, own = busy_seconds(), own_seconds(watched)
+                    sessions = runner.together(block, {"A": "base", head: "head"}, first)
+                    seconds = max(s.seconds for s in sessions.values())
+                    cpu = sum(s.cpu_s for s in sessions.values())
+                    foreign = busy_seconds() - busy - (own_seconds(watched) - own) - cpu
+                    for position, name in enumerate(first):
                         record = {"block": block, "position": position, "variant": name, "waited_s": round(waited),
                                   "foreign_before": round(before, 2),
-                                  "foreign_cores": round(max(foreign, 0.0) / session.seconds, 3),
-                                  "loadavg": os.getloadavg()[0], **compact(session)}
+                                  "foreign_cores": round(max(foreign, 0.0) / seconds, 3),
+                                  "loadavg": os.getloadavg()[0], **compact(sessions[name])}
                         out.write(json.dumps(record) + "\n")
-                        out.flush()
+                    out.flush()
                     elapsed = time.monotonic() - start
-                    print(f"block {block + 1}/{args.blocks} done, {elapsed:.0f} s", file=sys.stderr, flush=True)
+                    print(f"block {block + 1}/{args.blocks} (A vs {head}) done, {elapsed:.0f} s", file=sys.stderr,
+                          flush=True)
     finally:
         neighbour.kill()
         neighbour.wait()
@@ -217,10 +230,10 @@ def groups(pairs: list[tuple], plan: Plan) -> list[tuple[int, list[Judgement]]]:
 
 
 def log_ratio_sd(pairs: list[tuple], name: str) -> float:
-    """Median over tests of the SD of per-pair log ratios of one metric's session values."""
+    """Median over tests of the SD of one metric's per-pair log ratios, as the gate forms them (pair_log_ratio)."""
     sds = []
     for test_id in pairs[0][0]:
-        d = [math.log(np.median(h[test_id][0].metrics[name]) / np.median(b[test_id][0].metrics[name]))
+        d = [pair_log_ratio(b[test_id][0].metrics[name], h[test_id][0].metrics[name])
              for b, h in pairs if test_id in b and test_id in h and name in b[test_id][0].metrics]
         if len(d) > 2:
             sds.append(float(np.std(d, ddof=1)))
@@ -256,7 +269,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         slower = counts.get("slower", 0)
         sd = {name: log_ratio_sd(pairs, name) for name in ("tpot_ms", "itl_ms", "e2e_ms", "cpu_ms_per_token",
                                                            "output_throughput", "ttft_ms")}
+        looked = pairs[:plan.pairs]
+        first_look = [v.word for v in judge_pairs(looked, plan.alpha_per_look)] if len(looked) >= min_pairs() else []
         entry = {"label": "A/A" if head == "B" else f"planted {int(head[1:])}% slower decode", "pairs": len(pairs),
+                 "first_look": {w: first_look.count(w) for w in sorted(set(first_look))}, "first_look_pairs": len(looked),
                  "compares": len(judged), "pairs_per_compare": [n for n, _ in judged], "verdicts": len(words),
                  "counts": counts, "slower_share": slower / len(words) if words else math.nan,
                  "log_ratio_sd": sd}
@@ -279,11 +295,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def markdown(report: dict, args: argparse.Namespace) -> str:
-    command = (f"`python benchmarks/gate_experiments.py analyze {' '.join(args.data)} --name {args.name}`"
+    trials = f" --thorough-trials {args.thorough_trials}" if args.thorough_trials else ""
+    command = (f"`python benchmarks/gate_experiments.py analyze {' '.join(args.data)} --name {args.name}{trials}`"
                + (f" (first {args.rounds} rounds of each session)" if args.rounds else ""))
     design = (f"Each compare: kvbench compare's smoke plan, {report['plan']['pairs']} pairs, up to "
               f"{report['plan']['max_pairs']} while a test is unknown; disjoint groups of consecutive pairs of one "
-              "long interleaved run with `python3 -c 'while True: pass'` on one core all along. Median session "
+              "long run with `python3 -c 'while True: pass'` on one core all along, each pair two sessions "
+              "interleaved round by round as compare runs them. Median pair "
               f"{report['session_seconds']['median']:.1f} s (max {report['session_seconds']['max']:.1f} s).")
     lines = [f"# {args.name}", "", command, "", design, "",
              "| comparison | compares | pairs used | test verdicts | slower | share slower | other verdicts |",
@@ -291,7 +309,14 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
     for head, e in report["comparisons"].items():
         others = ", ".join(f"{n} {w}" for w, n in e["counts"].items() if w != "slower") or "-"
         lines.append(f"| {e['label']} ({head}) | {e['compares']} | {sum(e['pairs_per_compare'])} | {e['verdicts']} | "
-                     f"{e['counts'].get('slower', 0)} | {e['slower_share']:.1%} | {others} |")
+                     f"{e['counts'].get('slower', 0)} | {e['slower_share']:.1%} | {others} |" if e["verdicts"] else
+                     f"| {e['label']} ({head}) | 0 | - | 0 | - | - | fewer than {report['plan']['max_pairs']} pairs |")
+    lines += ["", f"The first look of a compare (its first {report['plan']['pairs']} usable pairs, or all there are, at "
+              "the first look's error rate; a real compare adds pairs while a test is unknown):", "",
+              "| comparison | pairs | test verdicts |", "|---|---|---|"]
+    lines += [f"| {e['label']} ({head}) | {e['first_look_pairs']} | "
+              + (", ".join(f"{n} {w}" for w, n in e["first_look"].items()) or "-") + " |"
+              for head, e in report["comparisons"].items()]
     lines += ["", "SD of the per-pair log ratio (median over tests):", "",
               "| comparison | " + " | ".join(next(iter(report["comparisons"].values()))["log_ratio_sd"]) + " |",
               "|---|" + "---|" * len(next(iter(report["comparisons"].values()))["log_ratio_sd"])]
@@ -302,7 +327,8 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
     if resampled:
         sizes = list(next(iter(resampled.values())))
         lines += ["", "Share of `slower` test verdicts of fixed-size compares whose pairs are drawn with replacement from "
-                  "each stream (a bootstrap: an estimate from few blocks, not independent compares):", "",
+                  "each stream (a bootstrap: an estimate from few blocks, not independent compares; a draw repeats pairs, which "
+                  "understates the spread, so these shares overstate the power and the A/A rate alike):", "",
                   "| comparison | " + " | ".join(f"{n} pairs" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
         lines += [f"| {report['comparisons'][h]['label']} ({h}) | " + " | ".join(f"{v[n]:.1%}" for n in sizes) + " |"
                   for h, v in resampled.items()]

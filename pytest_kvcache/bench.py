@@ -15,6 +15,7 @@ from typing import Protocol
 
 import psutil
 
+from pytest_kvcache import turns
 from pytest_kvcache.machine import DISTURBED_FRACTION, CpuPin, run_delay_s
 from pytest_kvcache.memory import MemoryReport, MemoryWatcher
 from pytest_kvcache.metrics import SLO, RunResult, metric, percentiles, serving_metrics
@@ -108,6 +109,7 @@ class Bench:
     slo: SLO = SLO()
     pin: CpuPin | None = None
     calibrate: Callable[[], float] | None = None
+    label: str = ""  # the test's id: where `kvbench compare` passes the turn between sessions (turns.py)
     rounds: list[Round] = field(default_factory=list)
     calibrations: list[float] = field(default_factory=list)
     disturbed: int = 0
@@ -136,6 +138,7 @@ class Bench:
     def run_round(self) -> RunResult:
         """One timed round, measured again on a quieter CPU (up to MAX_ATTEMPTS) while other processes disturb it;
         on a machine with no quiet CPU left (pin.futile retries in a row) it is kept as it is."""
+        turns.before_round(self.label, len(self.rounds))
         if self.calibrate is not None and not self.calibrations:
             self.calibrations.append(self.calibrate())
         measured = self._attempt()

@@ -17,8 +17,8 @@ from pytest_kvcache.errors import KVConfigError
 from pytest_kvcache.results import Outcome, load_results, parse_baselines
 from pytest_kvcache.traces import TraceSpec, load_jsonl, save_jsonl, synthetic
 
-SMOKE_PAIRS = (12, 20)  # initial and most pairs of a smoke compare (benchmarks/results/power.md)
-THOROUGH = (40, 80)  # --thorough: more pairs for small changes; measured power in benchmarks/results/power.md
+SMOKE_PAIRS = (12, 20)  # initial and most pairs of a smoke compare (benchmarks/results/gate-interleaved.md)
+THOROUGH = (40, 80)  # --thorough: more pairs for small changes; measured power in benchmarks/results/gate-interleaved.md
 
 
 def _baseline_text(ref: str, machine_id: str, suite: str, baselines: str) -> tuple[str | None, str]:
@@ -139,8 +139,8 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    comp = sub.add_parser("compare", help="measure BASE and HEAD (default: the working tree) in alternating sessions "
-                                          "on this machine; exit 1 if a test got slower",
+    comp = sub.add_parser("compare", help="measure BASE and HEAD (default: the working tree) in pairs of sessions "
+                                          "interleaved round by round on this machine; exit 1 if a test got slower",
                           description="extra pytest arguments go after `--` (default: suites/ -m smoke)")
     comp.add_argument("base", help="git ref to compare against (main, origin/main, a commit)")
     comp.add_argument("head", nargs="?", default=None, help="git ref to measure (default: the working tree)")
@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--thorough", action="store_true",
                       help=f"at least {THOROUGH[0]} pairs, up to {THOROUGH[1]}: finds 5%% slowdowns (default: off)")
     comp.add_argument("--order", choices=["random", "abba"], default="random",
-                      help="order of the two sessions in each pair (default: random, drawn from --seed)")
+                      help="which side leads each pair's rounds (default: random, drawn from --seed; abba: "
+                           "alternating between pairs)")
     comp.add_argument("--seed", type=int, default=0, help="seed of the session order (default: 0)")
     comp.add_argument("--gpu", action="store_true", help="pass --gpu to both sides' pytest (default: off)")
     comp.add_argument("--markdown", type=Path, default=None,

@@ -2,8 +2,10 @@
 
 BASE (and HEAD, else the working tree) are checked out as git worktrees. Each session is one pytest process run in
 its side's tree (PYTHONPATH pointing at it), writing results to a temporary folder, with no stored baselines, pinned
-to one CPU by the plugin. Sessions alternate in pairs whose order is drawn at random (or ABBA), and every order is
-recorded. The per-session values of each test and metric are compared pair by pair (stats.paired_effects, through
+to one CPU by the plugin. The two sessions of a pair run at once but take turns (turns.py): the turn passes before
+every timed round, so each round of a test runs right after the other side's same round and slow drifts of the
+machine's speed fall on both alike. Which side leads in each pair is drawn at random (or alternates: --order abba),
+and every order is recorded. The per-session values of each test and metric are compared pair by pair (stats.paired_effects, through
 the one gate): same / slower / faster / unknown with the change and its interval; exact counters must match
 (`changed`). While some test is unknown, pairs are added up to --max-pairs; the error rate is split over the looks. A pair
 in which a session's rounds kept waiting for a CPU (other processes took it) is left out and measured again, up to
@@ -48,8 +50,9 @@ from pytest_kvcache.results import (
     load_results,
 )
 from pytest_kvcache.stats import ALPHA, min_pairs
+from pytest_kvcache.turns import Conductor
 
-SMOKE_ARGS = ["suites/", "-m", "smoke", "--kv-rounds", "1"]  # a session is the sample: one round each
+SMOKE_ARGS = ["suites/", "-m", "smoke", "--kv-rounds", "3"]  # a pair of sessions is the sample; 3 interleaved rounds each
 SLOWER, FASTER, SAME, CHANGED, WORSE, BETTER = "slower", "faster", "same", "changed", "worse", "better"
 FAILING = (SLOWER, CHANGED, WORSE)
 TEST_ORDER = (NOT_COMPARABLE, SLOWER, CHANGED, WORSE, FASTER, BETTER, UNKNOWN, SAME)
@@ -189,13 +192,15 @@ class ForkServer:
             self.close()
             raise KVConfigError(f"the compare fork server ({script}) did not start")
 
-    def run(self, tree: Path, args: list[str], env: dict[str, str], log: Path) -> tuple[int, float]:
-        """One session: (pytest's exit status, the session's CPU seconds)."""
-        request = {"tree": str(tree), "args": args, "env": env, "log": str(log)}
-        self.process.stdin.write(json.dumps(request) + "\n")
+    def start(self, requests: list[dict]) -> None:
+        """Fork these sessions ({"tree", "args", "env", "log"} each) at once; `finish` waits for them."""
+        self.process.stdin.write(json.dumps({"sessions": requests}) + "\n")
         self.process.stdin.flush()
+
+    def finish(self) -> list[tuple[int, float]]:
+        """(pytest's exit status, CPU seconds) of each session `start` forked, once all have ended."""
         answer = json.loads(self.process.stdout.readline())
-        return int(answer["returncode"]), float(answer["cpu_s"])
+        return [(int(a["returncode"]), float(a["cpu_s"])) for a in answer["sessions"]]
 
     def close(self, interrupted: bool = False) -> None:
         """Let the server finish, or, when the compare was interrupted, end it and the session it runs (its own
@@ -208,12 +213,14 @@ class ForkServer:
 
 @dataclass
 class Runner:
-    """Runs the sessions of both sides through one fork server; `env` adds variables to one side's sessions."""
+    """Runs sessions through one fork server, several at a time taking turns (turns.Conductor); `env` adds
+    variables to one side's sessions."""
 
     trees: dict[str, Path]
     pytest_args: list[str]
     out: Path
     server: ForkServer
+    conductor: Conductor
     env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def args(self, results: Path) -> list[str]:
@@ -222,18 +229,31 @@ class Runner:
         return [*self.pytest_args, "-q", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning",
                 "--benchmark-disable", "--kv-results", str(results), "--kv-baselines", str(empty)]
 
-    def session(self, side: str, pair: int) -> Session:
-        tree = self.trees[side]
-        folder = self.out / f"pair{pair:03d}-{side}"
-        log = self.out / f"pair{pair:03d}-{side}.log"
+    def together(self, pair: int, members: dict[str, str], first: list[str]) -> dict[str, Session]:
+        """One session per member (name -> side), forked at once and measured turn by turn: each timed round of a
+        test runs next to the other sessions' same round. `first`: the order of the first turns."""
+        folders = {name: self.out / f"pair{pair:03d}-{name}" for name in members}
+        logs = {name: self.out / f"pair{pair:03d}-{name}.log" for name in members}
+        requests = [{"tree": str(self.trees[side]), "args": self.args(folders[name]), "log": str(logs[name]),
+                     "env": {**self.env.get(name, self.env.get(side, {})), **self.conductor.env(name)}}
+                    for name, side in members.items()]
         start = time.monotonic()
-        code, cpu = self.server.run(tree, self.args(folder), self.env.get(side, {}), log)
-        seconds = time.monotonic() - start
+        self.server.start(requests)
         try:
-            results = load_results(folder) if (folder / "latest.json").exists() else None
-        except FormatError as e:
-            raise KVConfigError(f"{side} ({tree}) writes results this version cannot read: {e}") from None
-        return Session(side, pair, results, code, seconds, log, cpu)
+            self.conductor.conduct(list(members), first)
+        except (TimeoutError, OSError) as e:
+            self.server.finish()
+            raise KVConfigError(f"pair {pair}: {e}: {_tail(next(iter(logs.values())))}") from None
+        answers = self.server.finish()
+        seconds = time.monotonic() - start
+        out = {}
+        for (name, side), (code, cpu) in zip(members.items(), answers):
+            try:
+                results = load_results(folders[name]) if (folders[name] / "latest.json").exists() else None
+            except FormatError as e:
+                raise KVConfigError(f"{side} ({self.trees[side]}) writes results this version cannot read: {e}") from None
+            out[name] = Session(side, pair, results, code, seconds, logs[name], cpu)
+        return out
 
 
 def _tail(log: Path, lines: int = 5) -> str:
@@ -292,8 +312,9 @@ def run_pairs(runner: Runner, plan: Plan, run: Run, progress) -> list[Judgement]
             pair = len(run.orders)
             order = plan.order_of(pair, rng)
             run.orders.append(order)
+            sessions = runner.together(pair, {"base": "base", "head": "head"}, order)
             for side in order:
-                session = runner.session(side, pair)
+                session = sessions[side]
                 run.sessions.append(session)
                 if session.results is None:
                     raise KVConfigError(f"the {side} session wrote no results (pytest exit {session.returncode}): "
@@ -337,7 +358,8 @@ def report(run: Run, tests: list[Judgement], only_base: list[str], only_head: li
     disturbed = len(run.pairs()) - len(run.usable())
     left_out = f" ({disturbed} more were disturbed by other processes and left out)" if disturbed else ""
     intro = (f"{len(tests)} tests: {summary or 'none'}. {len(run.usable())} pairs of sessions{left_out} "
-             f"(`pytest {' '.join(run.pytest_args)}`), order {plan.order} (seed {plan.seed}): {orders}; "
+             f"(`pytest {' '.join(run.pytest_args)}`), each pair interleaved round by round, leading side "
+             f"{plan.order} (seed {plan.seed}): {orders}; "
              f"CPUs {cpus or 'not pinned'}. Thresholds are each test's; a verdict other than unknown needs >= "
              f"{min_pairs(plan.alpha_per_look)} pairs (error rate {plan.alpha:g} per test over its metrics and "
              f"{plan.looks} look{'s' if plan.looks > 1 else ''}).")
@@ -392,7 +414,10 @@ def compare(repo: Path, base_ref: str, head_ref: str | None, pytest_args: list[s
             head_tree = stack.enter_context(worktree(repo, head_commit, out / "head-tree")) if head_commit else repo
             server = ForkServer()
             stack.push(lambda kind, *_: server.close(interrupted=kind is not None))
-            runner = Runner({"base": base_tree, "head": head_tree}, pytest_args, out, server, {"head": head_env})
+            conductor = Conductor(seed=plan.seed)
+            stack.callback(conductor.close)
+            runner = Runner({"base": base_tree, "head": head_tree}, pytest_args, out, server, conductor,
+                            {"head": head_env})
             tests = run_pairs(runner, plan, run, progress)
         _, only_base, only_head = verdicts(run, plan.alpha_per_look, plan.seed)
         (out / "compare.json").write_text(json.dumps(summary_json(run, tests, plan), indent=1) + "\n")

@@ -164,7 +164,8 @@ class KVBench:
         try:
             if engine is None:
                 engine = cls(model, strategy, max_batch=max_batch, kv_limit_bytes=kv_limit_bytes)
-            bench = Bench(engine, trace, device, slo, self.session.pin, lambda: machine.calibrate(device))
+            bench = Bench(engine, trace, device, slo, self.session.pin, lambda: machine.calibrate(device),
+                          label=self.request.node.nodeid)
             bench.warmup()
             self.benchmark.group = suite
             self.benchmark.pedantic(bench.run_round, rounds=rounds, iterations=1, warmup_rounds=0)
@@ -199,7 +200,7 @@ class KVBench:
         calibrations = []
 
         def probe(rate: float) -> Probe:
-            bench = Bench(engine, trace_at(rate), device, slo, self.session.pin)
+            bench = Bench(engine, trace_at(rate), device, slo, self.session.pin, label=f"{self.request.node.nodeid}@{rate:.6g}")
             bench.run_round()
             summary = round_metrics(bench.rounds[0], slo, device)
             ttft, tpot = summary.get("ttft_p90_ms", math.inf), summary.get("tpot_p90_ms", math.inf)

@@ -29,7 +29,7 @@ from pytest_kvcache.results import (
     Verdict,
     representative,
 )
-from pytest_kvcache.stats import ALPHA, Effect, median, paired_effects, relative_change, session_effect
+from pytest_kvcache.stats import ALPHA, Effect, median, paired_log_effects, relative_change, session_effect
 
 CALIBRATION_RANGE = (0.5, 2.0)  # baseline / current calibration time within which time metrics are compared
 SCORE_EPSILON = 1e-6  # stored samples keep 6 significant digits: 2/3 is 0.666667
@@ -185,6 +185,15 @@ def _verdict(name: str, base: list[float], current: list[float], limit: float, e
                    effect.describe() + note, effect.low, effect.high)
 
 
+def pair_log_ratio(base: list[float], head: list[float]) -> float:
+    """One pair's log ratio head/base: the mean of round-by-round log ratios when both sessions have the same rounds
+    (kvbench compare interleaves them, round i of one next to round i of the other, so both share the machine's
+    drift: benchmarks/results/gate-interleaved.md), else the log ratio of the sessions' medians."""
+    if len(base) == len(head) and min(base) > 0 and min(head) > 0:
+        return sum(math.log(h / b) for b, h in zip(base, head)) / len(base)
+    return math.log(median(head) / median(base))
+
+
 def paired(base: list[Measurement], head: list[Measurement], thresholds: dict[str, float] | None = None,
            alpha: float = ALPHA, seed: int = 0) -> list[Verdict]:
     """kvbench compare: one test's sessions of base and head, pair by pair (base[i] ran next to head[i])."""
@@ -203,9 +212,8 @@ def paired(base: list[Measurement], head: list[Measurement], thresholds: dict[st
     family = [n for n, (b, h) in session_values.items() if min(b) > 0 and min(h) > 0]
     effects = {}
     if family:
-        rows_b = [[session_values[n][0][i] for n in family] for i in range(len(base))]
-        rows_h = [[session_values[n][1][i] for n in family] for i in range(len(head))]
-        effects = dict(zip(family, paired_effects(rows_b, rows_h, alpha, seed)))
+        d = [[pair_log_ratio(b.metrics[n], h.metrics[n]) for n in family] for b, h in zip(base, head)]
+        effects = dict(zip(family, paired_log_effects(d, alpha, seed)))
     verdicts = []
     for name in _order(names):
         if name not in on_head:

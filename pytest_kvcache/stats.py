@@ -97,7 +97,16 @@ def paired_effects(base: Sequence[Sequence[float]], head: Sequence[Sequence[floa
         raise ValueError(f"base and head must be (pairs, metrics) of one shape, got {b.shape} and {h.shape}")
     if (b <= 0).any() or (h <= 0).any() or not (np.isfinite(b).all() and np.isfinite(h).all()):
         raise ValueError("paired_effects needs finite values > 0")
-    d = np.log(h) - np.log(b)
+    return paired_log_effects(np.log(h) - np.log(b), alpha, seed)
+
+
+def paired_log_effects(d: np.ndarray | Sequence[Sequence[float]], alpha: float = ALPHA, seed: int = 0
+                       ) -> list[Effect]:
+    """`paired_effects` from the per-pair log ratios head/base directly (rows: pairs, columns: metrics): for pairs
+    whose rounds were interleaved, a pair's log ratio is the mean over its rounds of round-by-round log ratios."""
+    d = np.asarray(d, dtype=float)
+    if d.ndim != 2 or d.shape[0] < 1 or not np.isfinite(d).all():
+        raise ValueError(f"log ratios must be a finite (pairs, metrics) matrix, got shape {d.shape}")
     n, m = d.shape
     mean = d.mean(axis=0)
     method = f"paired sessions, n={n}"

@@ -76,7 +76,7 @@ def test_report_names_order_cpus_verdicts_and_notes():
     plan = Plan(10, 10, 4, "abba", 0)
     text = report(run, tests, only_base, only_head, plan, "github")
     assert text.startswith("### kvbench compare: working tree vs main\n")
-    assert "1 tests: 1 changed. 10 pairs of sessions (`pytest suites/ -m smoke`), order abba (seed 0): HB BH HB" in text
+    assert "1 tests: 1 changed. 10 pairs of sessions (`pytest suites/ -m smoke`), each pair interleaved round by round, leading side abba (seed 0): HB BH HB" in text
     assert "CPUs [1]" in text
     assert "| test_a | changed | kv_tokens_evicted |" in " ".join(text.split())
     assert "- test_a: kv_tokens_evicted changed: exact counter changed: 7 -> 8" in text

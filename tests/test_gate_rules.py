@@ -1,9 +1,11 @@
 """The one gate's rules: which metric changes are regressions, improvements, noise or not comparable."""
 
+import math
+
 import pytest
 
 from pytest_kvcache.errors import KVConfigError
-from pytest_kvcache.gate import gate, judge_effect, paired
+from pytest_kvcache.gate import gate, judge_effect, pair_log_ratio, paired
 from pytest_kvcache.metrics import metric
 from pytest_kvcache.results import (
     IMPROVED,
@@ -243,3 +245,11 @@ def test_paired_sessions_of_another_configuration_are_not_comparable():
     verdicts = paired(sessions([1.0] * 8, config={"rounds": 1}), sessions([1.0] * 8, config={"rounds": 2}))
     assert {v.status for v in verdicts} == {NOT_COMPARABLE}
     assert verdicts[0].detail == "configuration differs (rounds: 1 -> 2)"
+
+
+def test_a_pair_of_interleaved_sessions_is_judged_round_by_round():
+    """Same rounds on both sides: the mean of round-by-round log ratios (round i ran next to round i); otherwise
+    the ratio of the sessions' medians."""
+    assert pair_log_ratio([1.0, 2.0, 4.0], [2.0, 4.0, 8.0]) == pytest.approx(math.log(2.0))
+    assert pair_log_ratio([10.0, 40.0, 10.0], [20.0, 40.0, 20.0]) == pytest.approx(2 * math.log(2.0) / 3)
+    assert pair_log_ratio([1.0, 3.0], [2.0]) == pytest.approx(0.0)
