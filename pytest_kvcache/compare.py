@@ -1,15 +1,15 @@
-"""`kvbench compare BASE [HEAD]`: both trees measured in the same job, in alternating sessions, judged pair by pair.
+"""`kvbench compare BASE [HEAD]`: both trees measured in the same job, in interleaved pairs, judged pair by pair.
 
 BASE (and HEAD, else the working tree) are checked out as git worktrees. Each session is one pytest process run in
 its side's tree (PYTHONPATH pointing at it), writing results to a temporary folder, with no stored baselines, pinned
 to one CPU by the plugin. The two sessions of a pair run at once but take turns (turns.py): the turn passes before
 every timed round, so each round of a test runs right after the other side's same round and slow drifts of the
 machine's speed fall on both alike. Which side leads in each pair is drawn at random (or alternates: --order abba),
-and every order is recorded. The per-session values of each test and metric are compared pair by pair (stats.paired_effects, through
-the one gate): same / slower / faster / unknown with the change and its interval; exact counters must match
-(`changed`). While some test is unknown, pairs are added up to --max-pairs; the error rate is split over the looks. A pair
-in which a session's rounds kept waiting for a CPU (other processes took it) is left out and measured again, up to
-twice --max-pairs pairs in all.
+and every order is recorded. Each test and metric is judged from one log ratio per pair (gate.pair_log_ratio: the
+mean of its round-by-round ratios; stats.paired_log_effects, through the one gate): same / slower / faster / unknown
+with the change and its interval; exact counters must match (`changed`). While some test is unknown, pairs are
+added up to --max-pairs; the error rate is split over the looks. A pair in which a session's rounds kept waiting
+for a CPU (other processes took it) is left out and measured again, up to twice --max-pairs pairs in all.
 
 Exit status: 0 nothing got slower (or worse, or changed), 1 something did, 2 bad input.
 """
@@ -52,7 +52,7 @@ from pytest_kvcache.results import (
 from pytest_kvcache.stats import ALPHA, min_pairs
 from pytest_kvcache.turns import Conductor
 
-SMOKE_ARGS = ["suites/", "-m", "smoke", "--kv-rounds", "3"]  # a pair of sessions is the sample; 3 interleaved rounds each
+SMOKE_ARGS = ["suites/", "-m", "smoke", "--kv-rounds", "3"]  # a pair is the sample; 3 interleaved rounds each
 SLOWER, FASTER, SAME, CHANGED, WORSE, BETTER = "slower", "faster", "same", "changed", "worse", "better"
 FAILING = (SLOWER, CHANGED, WORSE)
 TEST_ORDER = (NOT_COMPARABLE, SLOWER, CHANGED, WORSE, FASTER, BETTER, UNKNOWN, SAME)
@@ -214,7 +214,7 @@ class ForkServer:
 @dataclass
 class Runner:
     """Runs sessions through one fork server, several at a time taking turns (turns.Conductor); `env` adds
-    variables to one side's sessions."""
+    variables to the sessions of one name."""
 
     trees: dict[str, Path]
     pytest_args: list[str]
@@ -235,7 +235,7 @@ class Runner:
         folders = {name: self.out / f"pair{pair:03d}-{name}" for name in members}
         logs = {name: self.out / f"pair{pair:03d}-{name}.log" for name in members}
         requests = [{"tree": str(self.trees[side]), "args": self.args(folders[name]), "log": str(logs[name]),
-                     "env": {**self.env.get(name, self.env.get(side, {})), **self.conductor.env(name)}}
+                     "env": {**self.env.get(name, {}), **self.conductor.env(name)}}
                     for name, side in members.items()]
         start = time.monotonic()
         self.server.start(requests)
@@ -251,7 +251,8 @@ class Runner:
             try:
                 results = load_results(folders[name]) if (folders[name] / "latest.json").exists() else None
             except FormatError as e:
-                raise KVConfigError(f"{side} ({self.trees[side]}) writes results this version cannot read: {e}") from None
+                raise KVConfigError(f"{side} ({self.trees[side]}) writes results this version cannot read: {e}"
+                                    ) from None
             out[name] = Session(side, pair, results, code, seconds, logs[name], cpu)
         return out
 

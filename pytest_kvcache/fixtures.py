@@ -200,7 +200,8 @@ class KVBench:
         calibrations = []
 
         def probe(rate: float) -> Probe:
-            bench = Bench(engine, trace_at(rate), device, slo, self.session.pin, label=f"{self.request.node.nodeid}@{rate:.6g}")
+            bench = Bench(engine, trace_at(rate), device, slo, self.session.pin,
+                          label=f"{self.request.node.nodeid}@{rate:.6g}")
             bench.run_round()
             summary = round_metrics(bench.rounds[0], slo, device)
             ttft, tpot = summary.get("ttft_p90_ms", math.inf), summary.get("tpot_p90_ms", math.inf)

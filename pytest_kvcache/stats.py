@@ -7,8 +7,8 @@ sample count without adding information.
 
 Two comparisons, both on the log scale (speed changes are multiplicative):
 
-- `paired_effects`: base and head measured in alternating sessions (kvbench compare). Each pair gives the log
-  ratio head/base of every metric. With the order inside each pair chosen at random, a pair's sign is
+- `paired_effects` / `paired_log_effects`: base and head measured in pairs of sessions (kvbench compare, whose
+  pairs interleave their rounds). Each pair gives one log ratio head/base of every metric. With the order inside each pair chosen at random, a pair's sign is
   exchangeable when nothing changed, so flipping the signs of whole pairs gives the exact null distribution of the
   largest |t| over the test's metrics: the intervals are simultaneous over the metrics (family-wise error `alpha`
   per test, whatever their correlation). The smallest p-value n pairs can give is 2 / 2**n: `min_pairs` is the

@@ -10,8 +10,8 @@ its part. Sessions without that variable never wait.
 Conductor side (`Conductor`): gives the turn to one session at a time. Sessions at the same key run one after the
 other in the same order at every key (ABAB, never ABBA), so no session's round follows its own: a round right after
 its own session's finds the caches warm, and ABBA made one side of an A/A pair 3.9% faster on the tiny model
-(benchmarks/results/interleaving/README.md). A session that is behind (at a key another one has passed) runs alone until it
-catches up; sessions that diverged (a test on one side only) run one at a time, in name order.
+(benchmarks/results/interleaving/README.md). A session that is behind (at a key another one has passed) runs alone
+until it catches up; sessions that diverged (a test on one side only) run one at a time, in name order.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ class Member:
 
 @dataclass
 class Conductor:
-    """Listens on a socket in a fresh temporary folder; `conduct(names)` runs those sessions' turns until every one has ended."""
+    """Listens on a socket in a fresh temporary folder; `conduct(names)` runs those sessions' turns until every one
+    has ended."""
 
     seed: int = 0
     orders: list[list[str]] = field(default_factory=list)
