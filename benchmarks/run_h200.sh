@@ -11,6 +11,9 @@
 #                                                        # file, then the sweep's budget/prompt/capacity studies (~9 min)
 #   OUT=/tmp/h200 bash benchmarks/run_h200.sh tune       # decode benchmarks, CUDA tests, step profiles (~9 min)
 #   OUT=/tmp/h200 bash benchmarks/run_h200.sh sweep-rest # the sweep's prompt-length and capacity studies (~5 min)
+#   OUT=/tmp/h200 bash benchmarks/run_h200.sh all        # the whole GPU suite (`pytest suites/ --gpu`) in one
+#                                                        # session, timed, re-recording every baseline it runs
+#                                                        # into a copy of baselines/nvidia-h200/ (limit 570 s)
 #
 # Baselines and results are written as each test finishes, so a step cut off by its limit keeps what it measured.
 set -uo pipefail
@@ -51,6 +54,9 @@ elif [ "$PHASE" = rest ]; then
     step characterization 320 $PY -m pytest suites/test_characterization.py -m sweep --gpu -p no:cacheprovider -rs \
         --durations=0 -k "test_budget or test_prompt_length or test_capacity" --kv-results "$OUT/characterization"
     tail -n 40 "$OUT/characterization.log"
+elif [ "$PHASE" = all ]; then
+    mkdir -p "$OUT/baselines" && cp -r baselines/nvidia-h200 "$OUT/baselines/"  # entries of tests it does not reach stay
+    suite gpu-all "${ALL_LIMIT:-570}" suites/
 elif [ "$PHASE" = tune ]; then
     step gpu-decode 240 $PY benchmarks/gpu_decode.py --out "$OUT/gpu-decode"
     step cuda-tests 200 $PY -m pytest tests/test_cuda.py tests/test_kernels.py -q -p no:cacheprovider --durations=10
