@@ -57,6 +57,7 @@ from pytest_kvcache.stats import min_pairs
 from pytest_kvcache.turns import Conductor
 
 RESULTS = ROOT / "benchmarks" / "results"
+NOISE_METRICS = ("tpot_ms", "e2e_ms", "cpu_ms_per_token")
 VARIABLE = "KVBENCH_PLANT_SLOWDOWN"
 
 
@@ -240,6 +241,27 @@ def log_ratio_sd(pairs: list[tuple], name: str) -> float:
     return float(np.median(sds)) if sds else math.nan
 
 
+def noise_parts(pairs: list[tuple], name: str) -> dict[str, float]:
+    """Where a pair's noise comes from (medians over tests): `round` the SD of one round-by-round log ratio around
+    its pair's mean, `pair` the SD of the per-pair log ratio, `between` what is left of it once the rounds' share
+    (round**2 / rounds) is taken out: the part that more rounds per pair cannot shrink."""
+    parts: dict[str, list[float]] = {"round": [], "pair": [], "between": [], "rounds": []}
+    for test_id in pairs[0][0]:
+        ratios = [np.log(h[test_id][0].metrics[name]) - np.log(b[test_id][0].metrics[name]) for b, h in pairs
+                  if test_id in b and test_id in h and name in b[test_id][0].metrics
+                  and len(b[test_id][0].metrics[name]) == len(h[test_id][0].metrics[name]) > 1]
+        if len(ratios) < 3:
+            continue
+        rounds = float(np.mean([len(r) for r in ratios]))
+        within = float(np.sqrt(np.mean([np.var(r, ddof=1) for r in ratios])))
+        pair = float(np.std([np.mean(r) for r in ratios], ddof=1))
+        parts["round"].append(within)
+        parts["pair"].append(pair)
+        parts["between"].append(math.sqrt(max(pair**2 - within**2 / rounds, 0.0)))
+        parts["rounds"].append(rounds)
+    return {k: float(np.median(v)) if v else math.nan for k, v in parts.items()}
+
+
 def resampled_power(pairs: list[tuple], n: int, trials: int, alpha: float, seed: int) -> float:
     """Share of 'slower' test verdicts of fixed-size compares of n pairs drawn with replacement (bootstrap)."""
     rng = np.random.default_rng(seed)
@@ -275,7 +297,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                  "first_look": {w: first_look.count(w) for w in sorted(set(first_look))}, "first_look_pairs": len(looked),
                  "compares": len(judged), "pairs_per_compare": [n for n, _ in judged], "verdicts": len(words),
                  "counts": counts, "slower_share": slower / len(words) if words else math.nan,
-                 "log_ratio_sd": sd}
+                 "log_ratio_sd": sd, "noise_parts": {name: noise_parts(pairs, name) for name in NOISE_METRICS}}
         if args.thorough_trials and len(pairs) >= 2:  # too few blocks for disjoint groups: bootstrap the same plan
             entry["resampled_slower_share"] = {n: resampled_power(pairs, n, args.thorough_trials, plan.alpha, seed=n)
                                                for n in (plan.pairs, plan.max_pairs)}
@@ -322,6 +344,16 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
               "|---|" + "---|" * len(next(iter(report["comparisons"].values()))["log_ratio_sd"])]
     for head, e in report["comparisons"].items():
         lines.append(f"| {head} | " + " | ".join(f"{v:.3f}" for v in e["log_ratio_sd"].values()) + " |")
+    lines += ["", "Where a pair's noise comes from (log scale, median over tests): the SD of one round's ratio around its "
+              "pair's mean, the SD of the pair's ratio, and the part of it between pairs (process offsets) once the "
+              "rounds' share (round SD^2 / rounds) is taken out; the last column projects a pair of 10 interleaved "
+              "rounds (sqrt(between^2 + round^2 / 10)):", "",
+              "| comparison | metric | rounds | round | pair | between pairs | pair of 10 rounds |", "|---|---|---|---|---|---|---|"]
+    for head, e in report["comparisons"].items():
+        for name, p in e["noise_parts"].items():
+            projected = math.sqrt(p["between"] ** 2 + p["round"] ** 2 / 10)
+            lines.append(f"| {head} | {name} | {p['rounds']:.0f} | {p['round']:.3f} | {p['pair']:.3f} | "
+                         f"{p['between']:.3f} | {projected:.3f} |")
     resampled = {h: e["resampled_slower_share"] for h, e in report["comparisons"].items()
                  if "resampled_slower_share" in e}
     if resampled:
