@@ -58,6 +58,7 @@ from pytest_kvcache.turns import Conductor
 
 RESULTS = ROOT / "benchmarks" / "results"
 NOISE_METRICS = ("tpot_ms", "e2e_ms", "cpu_ms_per_token")
+PROJECTED_ROUNDS = 10  # the noise table projects a pair of this many interleaved rounds
 VARIABLE = "KVBENCH_PLANT_SLOWDOWN"
 
 
@@ -247,14 +248,14 @@ def noise_parts(pairs: list[tuple], name: str) -> dict[str, float]:
     (round**2 / rounds) is taken out: the part that more rounds per pair cannot shrink."""
     parts: dict[str, list[float]] = {"round": [], "pair": [], "between": [], "rounds": []}
     for test_id in pairs[0][0]:
-        ratios = [np.log(h[test_id][0].metrics[name]) - np.log(b[test_id][0].metrics[name]) for b, h in pairs
-                  if test_id in b and test_id in h and name in b[test_id][0].metrics
-                  and len(b[test_id][0].metrics[name]) == len(h[test_id][0].metrics[name]) > 1]
-        if len(ratios) < 3:
+        sides = [(b[test_id][0].metrics[name], h[test_id][0].metrics[name]) for b, h in pairs
+                 if test_id in b and test_id in h and name in b[test_id][0].metrics
+                 and len(b[test_id][0].metrics[name]) == len(h[test_id][0].metrics[name]) > 1]
+        if len(sides) < 3:
             continue
-        rounds = float(np.mean([len(r) for r in ratios]))
-        within = float(np.sqrt(np.mean([np.var(r, ddof=1) for r in ratios])))
-        pair = float(np.std([np.mean(r) for r in ratios], ddof=1))
+        rounds = float(np.mean([len(base) for base, _ in sides]))
+        within = float(np.sqrt(np.mean([np.var(np.log(head) - np.log(base), ddof=1) for base, head in sides])))
+        pair = float(np.std([pair_log_ratio(base, head) for base, head in sides], ddof=1))
         parts["round"].append(within)
         parts["pair"].append(pair)
         parts["between"].append(math.sqrt(max(pair**2 - within**2 / rounds, 0.0)))
@@ -333,8 +334,8 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         lines.append(f"| {e['label']} ({head}) | {e['compares']} | {sum(e['pairs_per_compare'])} | {e['verdicts']} | "
                      f"{e['counts'].get('slower', 0)} | {e['slower_share']:.1%} | {others} |" if e["verdicts"] else
                      f"| {e['label']} ({head}) | 0 | - | 0 | - | - | fewer than {report['plan']['max_pairs']} pairs |")
-    lines += ["", f"The first look of a compare (its first {report['plan']['pairs']} usable pairs, or all there are, at "
-              "the first look's error rate; a real compare adds pairs while a test is unknown):", "",
+    lines += ["", (f"The first look of a compare (its first {report['plan']['pairs']} usable pairs, or all there are, at "
+                   "the first look's error rate; a real compare adds pairs while a test is unknown):"), "",
               "| comparison | pairs | test verdicts |", "|---|---|---|"]
     lines += [f"| {e['label']} ({head}) | {e['first_look_pairs']} | "
               + (", ".join(f"{n} {w}" for w, n in e["first_look"].items()) or "-") + " |"
@@ -344,23 +345,24 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
               "|---|" + "---|" * len(next(iter(report["comparisons"].values()))["log_ratio_sd"])]
     for head, e in report["comparisons"].items():
         lines.append(f"| {head} | " + " | ".join(f"{v:.3f}" for v in e["log_ratio_sd"].values()) + " |")
-    lines += ["", "Where a pair's noise comes from (log scale, median over tests): the SD of one round's ratio around its "
-              "pair's mean, the SD of the pair's ratio, and the part of it between pairs (process offsets) once the "
-              "rounds' share (round SD^2 / rounds) is taken out; the last column projects a pair of 10 interleaved "
-              "rounds (sqrt(between^2 + round^2 / 10)):", "",
-              "| comparison | metric | rounds | round | pair | between pairs | pair of 10 rounds |", "|---|---|---|---|---|---|---|"]
+    lines += ["", ("Where a pair's noise comes from (log scale, median over tests): the SD of one round's ratio around "
+                   "its pair's mean, the SD of the pair's ratio, and the part of it between pairs (process offsets) once "
+                   "the rounds' share (round SD^2 / rounds) is taken out; the last column projects a pair of "
+                   f"{PROJECTED_ROUNDS} interleaved rounds (sqrt(between^2 + round^2 / {PROJECTED_ROUNDS})):"), "",
+              f"| comparison | metric | rounds | round | pair | between pairs | pair of {PROJECTED_ROUNDS} rounds |", "|---|---|---|---|---|---|---|"]
     for head, e in report["comparisons"].items():
         for name, p in e["noise_parts"].items():
-            projected = math.sqrt(p["between"] ** 2 + p["round"] ** 2 / 10)
+            projected = math.sqrt(p["between"] ** 2 + p["round"] ** 2 / PROJECTED_ROUNDS)
             lines.append(f"| {head} | {name} | {p['rounds']:.0f} | {p['round']:.3f} | {p['pair']:.3f} | "
                          f"{p['between']:.3f} | {projected:.3f} |")
     resampled = {h: e["resampled_slower_share"] for h, e in report["comparisons"].items()
                  if "resampled_slower_share" in e}
     if resampled:
         sizes = list(next(iter(resampled.values())))
-        lines += ["", "Share of `slower` test verdicts of fixed-size compares whose pairs are drawn with replacement from "
-                  "each stream (a bootstrap: an estimate from few blocks, not independent compares; a draw repeats pairs, which "
-                  "understates the spread, so these shares overstate the power and the A/A rate alike):", "",
+        lines += ["", ("Share of `slower` test verdicts of fixed-size compares whose pairs are drawn with replacement "
+                       "from each stream (a bootstrap: an estimate from few blocks, not independent compares; a draw "
+                       "repeats pairs, which understates the spread, so these shares overstate the power and the A/A "
+                       "rate alike):"), "",
                   "| comparison | " + " | ".join(f"{n} pairs" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
         lines += [f"| {report['comparisons'][h]['label']} ({h}) | " + " | ".join(f"{v[n]:.1%}" for n in sizes) + " |"
                   for h, v in resampled.items()]
