@@ -27,10 +27,10 @@ CHUNK, BLOCK_N = 256, 64  # the configuration that measured 84-87% of the bandwi
 SMALLEST_CHUNK = 64  # the workspace holds partials for chunks this small
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["capacity", "n_sink"])  # every capacity and sink count runs one compiled kernel
 def _decode_attention_kernel(
     Q, QS, K, V, LENGTHS, TABLE, OUT, PART_O, PART_M, PART_L, LOCKS, LOGITS, LSE,
-    scale, capacity, rows_key, kv_heads, n_sink,
+    scale, capacity, kv_heads, n_sink,
     stride_qr, stride_qh, stride_sr, stride_sh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_tr, stride_or, stride_oh, stride_lr, stride_lh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -166,7 +166,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     args = (
         q, sink, keys, values, lengths, table, out,
         workspace.part_o, workspace.part_m, workspace.part_l, workspace.locks, logit_buf, lse_buf,
-        scale, workspace.capacity, triton.next_power_of_2(rows), kv_heads, n_sink,
+        scale, workspace.capacity, kv_heads, n_sink,
         q.stride(0), q.stride(1), sink.stride(0), sink.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         table.stride(0) if paged else 0, out.stride(0), out.stride(1),
