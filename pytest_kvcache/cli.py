@@ -137,11 +137,13 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pytest_kvcache.compare import SMOKE_ARGS
+
     parser = argparse.ArgumentParser(prog="kvbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     comp = sub.add_parser("compare", help="measure BASE and HEAD (default: the working tree) in pairs of sessions "
                                           "interleaved round by round on this machine; exit 1 if a test got slower",
-                          description="extra pytest arguments go after `--` (default: suites/ -m smoke)")
+                          description=f"extra pytest arguments go after `--` (default: {' '.join(SMOKE_ARGS)})")
     comp.add_argument("base", help="git ref to compare against (main, origin/main, a commit)")
     comp.add_argument("head", nargs="?", default=None, help="git ref to measure (default: the working tree)")
     comp.add_argument("--pairs", type=_positive, default=SMOKE_PAIRS[0],
