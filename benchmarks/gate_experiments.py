@@ -39,9 +39,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pytest_kvcache.cli import SMOKE_PAIRS
+from pytest_kvcache.cli import SMOKE_ARGS, SMOKE_PAIRS
 from pytest_kvcache.compare import (
-    SMOKE_ARGS,
     ForkServer,
     Judgement,
     Plan,

@@ -17,6 +17,8 @@ from pytest_kvcache.errors import KVConfigError
 from pytest_kvcache.results import Outcome, load_results, parse_baselines
 from pytest_kvcache.traces import TraceSpec, load_jsonl, save_jsonl, synthetic
 
+SMOKE_ARGS = ["suites/", "-m", "smoke", "--kv-rounds", "10"]  # noise is per round: 10 rounds cut a pair's SD
+# by about 40% against 3, for about 1.3x the time (benchmarks/results/gate-10rounds.md)
 SMOKE_PAIRS = (12, 20)  # initial and most pairs of a smoke compare (benchmarks/results/gate-interleaved.md)
 THOROUGH = (40, 80)  # --thorough: more pairs for small changes; measured power in benchmarks/results/gate-interleaved.md
 
@@ -91,7 +93,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pytest_kvcache.compare import SMOKE_ARGS, Plan, compare
+    from pytest_kvcache.compare import Plan, compare
 
     pytest_args = list(args.pytest_args) or list(SMOKE_ARGS)
     if args.gpu and "--gpu" not in pytest_args:
@@ -137,8 +139,6 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pytest_kvcache.compare import SMOKE_ARGS
-
     parser = argparse.ArgumentParser(prog="kvbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     comp = sub.add_parser("compare", help="measure BASE and HEAD (default: the working tree) in pairs of sessions "

@@ -52,8 +52,6 @@ from pytest_kvcache.results import (
 from pytest_kvcache.stats import ALPHA, min_pairs
 from pytest_kvcache.turns import Conductor
 
-SMOKE_ARGS = ["suites/", "-m", "smoke", "--kv-rounds", "10"]  # noise is per round: 10 rounds cut a pair's SD
-# by about 40% against 3, for about 1.3x the time (benchmarks/results/gate-10rounds.md)
 SLOWER, FASTER, SAME, CHANGED, WORSE, BETTER = "slower", "faster", "same", "changed", "worse", "better"
 FAILING = (SLOWER, CHANGED, WORSE)
 TEST_ORDER = (NOT_COMPARABLE, SLOWER, CHANGED, WORSE, FASTER, BETTER, UNKNOWN, SAME)
