@@ -27,8 +27,8 @@ _phases: dict[str, dict[str, float]] = {}
 
 
 def _timed(owner, name: str, label: str, counts=None) -> None:
-    """Replace owner.name by a wrapper that adds its wall time to _spent[label] (and counts calls, or what
-    counts(before, after) says the call added)."""
+    """Replace owner.name by a wrapper that adds its wall time to _spent[label] and counts its calls under the same
+    label (or, given counts, how much counts() grew during the call)."""
     original = getattr(owner, name)
 
     @functools.wraps(original)
@@ -64,7 +64,7 @@ def pytest_runtest_logreport(report) -> None:
 
 def pytest_runtest_logfinish(nodeid: str, location) -> None:
     row = {"test": nodeid, **_phases.pop(nodeid, {}), **{k: round(v, 3) for k, v in _spent.items()},
-           **{k.replace("_s", "_n"): v for k, v in _counts.items()}, "ended": round(time.time(), 1)}
+           **{k.removesuffix("_s") + "_n": v for k, v in _counts.items()}, "ended": round(time.time(), 1)}
     _spent.clear()
     _counts.clear()
     with open(os.environ.get(VARIABLE, "suite-clock.jsonl"), "a") as out:
