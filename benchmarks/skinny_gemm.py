@@ -11,8 +11,9 @@ its weight; cuBLAS splits K for the narrow ones and adds a reduction kernel. Mea
 
     python benchmarks/skinny_gemm.py --out benchmarks/results/h200/skinny-gemm   (writes .json and .md)
 
-Not yet run on a GPU (2026-12-03: its first device call stopped at a patching bug, since fixed; no machine could
-be had after that), so it has no committed output.
+Result on the H200 (benchmarks/results/h200/skinny-gemm.md): the three backends are within 3% of each other on
+the 1B shapes (the narrow q/k/v, o and down GEMMs stay at 32-58% of the copy bandwidth whichever runs them), and the
+Triton GEMM makes the 1B batch-8 step 1.5% faster; the engine keeps cuBLAS.
 """
 
 from __future__ import annotations
