@@ -19,6 +19,7 @@ replayed from CUDA graphs and timed with CUDA events):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -27,9 +28,11 @@ from pathlib import Path
 
 import torch
 
+from pytest_kvcache import split_k
 from pytest_kvcache.engines.hf import HFEngine
 from pytest_kvcache.engines.roofline import copy_bandwidth, weight_bytes
 from pytest_kvcache.models import load_model
+from pytest_kvcache.split_k import graph_ms
 from pytest_kvcache.strategies import parse_strategy
 from pytest_kvcache.traces import Request, Trace
 
@@ -62,8 +65,8 @@ def decode_case(model, strategy: str, batch: int, context: int) -> dict:
 
     engine = HFEngine(model, parse_strategy(strategy), max_batch=batch)
     trace = burst(model, batch, context)
-    tuned_before = len(kernels.tuned_configs())
-    engine.run(trace)  # set-up (cache, graphs, Triton compiles, attention tuning) and a first pass
+    tuned_before, chosen_before = len(kernels.tuned_configs()), len(split_k.chosen_configs())
+    engine.run(trace)  # set-up (cache, graphs, Triton compiles, attention and split-K tuning) and a first pass
     tuned = kernels.tuned_configs()[tuned_before:]
     at_batch = [c for c in tuned if c["rows_pow2"] == triton_pow2(batch)]
     started = time.perf_counter()
@@ -76,11 +79,32 @@ def decode_case(model, strategy: str, batch: int, context: int) -> dict:
         "decode_tok_s": batch / step_ms * 1e3, "replay_s": wall,
         "weight_bytes": weight_bytes(model), "kv_peak_bytes": result.counters.peak_resident_bytes,
         "attention_config": (f"{at_batch[-1]['CHUNK']}/{at_batch[-1]['BLOCK_N']}" if at_batch else "-"),
-        "attention_configs_tuned": tuned,
+        "attention_configs_tuned": tuned, "projection_choices": split_k.chosen_configs()[chosen_before:],
     }
     del engine
     torch.cuda.empty_cache()
     return out
+
+
+@contextlib.contextmanager
+def cublas_projections():
+    """The engine's step with its o and down projections on cuBLAS, as before split_k (for the A/B row)."""
+    choose = split_k.choose
+    split_k.choose = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        split_k.choose = choose
+
+
+def projections(row: dict) -> str:
+    """What ran the o and down projections of a decode case: cuBLAS, or split-K BLOCK_N/BLOCK_K/splits."""
+    if "projections" in row:
+        return row["projections"]
+    picks = [c["choice"] for c in row.get("projection_choices", [])]
+    if not picks:
+        return "cuBLAS (batch > 16)" if row["batch"] > split_k.MAX_ROWS else "cuBLAS (tuned earlier)"
+    return ", ".join("cuBLAS" if p == "cublas" else f"{p['block_n']}/{p['block_k']}/{p['splits']}" for p in picks)
 
 
 def triton_pow2(n: int) -> int:
@@ -227,7 +251,7 @@ def attention_case(bandwidth: float, name: str, q_heads: int, kv_heads: int, dim
             out = fn()
             out = out[:, :, 0] if out.dim() == 4 else out
             error = float((out.float() - reference).norm() / reference.norm())
-            ms = _graph_time(fn)
+            ms = graph_ms(fn)
             rows.append({"variant": label, "ms": ms, "valid_kv_fraction": valid_bytes / (ms / 1e3) / bandwidth,
                          "relative_error_vs_sdpa": error})
         except Exception as failure:  # noqa: BLE001 - recorded as a result
@@ -236,39 +260,19 @@ def attention_case(bandwidth: float, name: str, q_heads: int, kv_heads: int, dim
             "tuned_config": kernels.tuned_configs()[tuned_before:]}
 
 
-def _graph_time(fn, replays: int = 50) -> float:
-    """Median ms of one call, captured in a CUDA graph (as the engine runs it), after warm-ups."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def markdown(report: dict) -> str:
     lines = [f"# GPU decode on {report['gpu']}", "",
              f"`{report['command']}` ({report['created']}); torch {report['torch']}, bf16; copy bandwidth "
              f"{report['bandwidth_tb_s']:.2f} TB/s (read + written).", ""]
     if report.get("decode"):
         lines += ["## Full-cache decode step vs the bandwidth roofline", "",
-                  "| model | batch | context | ms/step | roofline | target | attention CHUNK/BLOCK_N (tuned) |",
-                  "|---|---|---|---|---|---|---|"]
+                  ("| model | batch | context | ms/step | roofline | target | attention CHUNK/BLOCK_N (tuned) | "
+                   "o, down projections (split-K BLOCK_N/BLOCK_K/splits) |"),
+                  "|---|---|---|---|---|---|---|---|"]
         for row in report["decode"]:
-            lines.append(f"| {row['model']} | {row['batch']} | {row['context']} | {row['decode_step_ms']:.2f} | "
-                         f"{row['roofline_fraction']:.1%} | {row['target']:.0%} | {row.get('attention_config', '-')} |")
+            lines.append(f"| {row['model']} | {row['batch']} | {row['context']} | {row['decode_step_ms']:.3f} | "
+                         f"{row['roofline_fraction']:.1%} | {row['target']:.0%} | {row.get('attention_config', '-')} | "
+                         f"{projections(row)} |")
     if report.get("budget"):
         lines += ["", "## 20% KV budget (8B, batch 32, context 8k): decode tokens/s vs the full cache", "",
                   "| strategy | ms/step | decode tok/s | x full | target | attention CHUNK/BLOCK_N (tuned) |",
@@ -333,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
             row["target"] = target
             report["decode"].append(row)
             print(json.dumps(row), flush=True)
+        for name, batch, context, target in DECODE_CASES:  # the same step with cuBLAS o/down (split_k off)
+            if batch <= split_k.MAX_ROWS:
+                with cublas_projections():
+                    row = decode_case(model(name), "full", batch, context)
+                row["target"], row["projections"] = target, "cuBLAS (split-K off)"
+                report["decode"].append(row)
+                print(json.dumps(row), flush=True)
     if "budget" in parts:
         name, batch, context = BUDGET_CASE
         full = decode_case(model(name), "full", batch, context)

@@ -12,6 +12,9 @@ its weight; cuBLAS splits K for the narrow ones and adds a reduction kernel. Mea
     python benchmarks/skinny_gemm.py --out benchmarks/results/h200/skinny-gemm
     (writes .shapes.json once part 1 is done, so a run cut off in part 2 keeps it; then .json with both, and .md)
 
+Since pytest_kvcache/split_k.py landed, the step's o and down projections go through split_k.choose whatever
+F.linear is, so part 2 compares backends on q/k/v, gate/up and the head only; the committed report predates it.
+
 Result on the H200 (benchmarks/results/h200/skinny-gemm.md): the three backends are within 3% of each other on
 the 1B shapes (the narrow q/k/v, o and down GEMMs stay at 32-58% of the copy bandwidth whichever runs them), and the
 Triton GEMM makes the 1B batch-8 step 1.5% faster; the engine keeps cuBLAS.
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpu_decode  # beside this script: on sys.path when it runs as one
 
 from pytest_kvcache.engines.roofline import copy_bandwidth
+from pytest_kvcache.split_k import graph_ms
 
 SHAPES = [  # (name, rows M, N, K, layers)
     ("1B qkv", 8, 3072, 2048, 16), ("1B o", 8, 2048, 2048, 16), ("1B gate_up", 8, 16384, 2048, 16),
@@ -74,7 +78,7 @@ def skinny(x: torch.Tensor, w: torch.Tensor, config: tuple, out: torch.Tensor | 
 
 def per_call_us(fn, count: int) -> float:
     """Microseconds per GEMM of fn(), which runs `count` of them, captured in one CUDA graph."""
-    return gpu_decode._graph_time(fn) * 1e3 / count
+    return graph_ms(fn) * 1e3 / count
 
 
 def measure_shape(name: str, m: int, n: int, k: int, layers: int, bandwidth: float) -> list[dict]:

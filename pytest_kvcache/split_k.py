@@ -1,0 +1,156 @@
+"""Split-K GEMM for decode steps of at most 16 rows, whose fp32 partial sums the next add + RMSNorm reduces, so
+the narrow o and down projections (and down's SiLU(gate) * up) each take one launch that keeps every SM reading.
+
+A decode step at batch <= 16 multiplies a few rows by each weight once: the GEMM is bound by reading the weight.
+cuBLAS reaches 32% (o, 2048 x 2048) and 57% (down, 2048 x 8192) of the copy bandwidth on an H200 at 8 rows
+(benchmarks/results/h200/skinny-gemm.md), in one or two launches; a narrow output has too few column tiles to keep
+132 SMs' loads in flight. Here K is split as well (Split-K, as CUTLASS's and Triton's GEMM tutorials do it): program
+(column tile, split) writes its fp32 partial product into partials[split]; instead of a reduction launch, the
+consumer - kernels.add_rmsnorm, the residual add - sums the splits (deterministic: no atomics). With act=True the
+input is [gate | up] and the prologue computes SiLU(gate) * up for the program's K-slice, rounded as
+kernels.silu_mul rounds it, so the SiLU launch goes too. Which configuration (or cuBLAS) a shape runs is measured
+once per process on the shape's own weights in a CUDA graph (the way the step runs them; see `choose`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16  # tl.dot's smallest tile: batches up to this pad to it for free (the weight read dominates)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """One launch configuration: column tile, K tile, K splits, warps, pipeline stages."""
+
+    block_n: int
+    block_k: int
+    splits: int
+    warps: int = 4
+    stages: int = 3
+
+
+CONFIGS = [SplitConfig(n, k, s, 4, st) for n, k, s, st in (
+    (16, 512, 1, 3), (32, 256, 2, 4), (32, 256, 4, 4), (64, 128, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3),
+    (16, 256, 8, 3), (64, 256, 2, 4),
+)]
+CHOSEN: dict[tuple, SplitConfig | None] = {}  # (N, K, act, dtype) -> the measured choice; None: cuBLAS
+
+
+@triton.jit
+def _split_k_kernel(X, W, PART, M, N, K, stride_xm, stride_wn, stride_ps, stride_pm, k_per_split,
+                    ACT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    col_tile = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows[:, None] < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start = split * k_per_split
+    for k0 in range(start, start + k_per_split, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x_ok = row_ok & (ks[None, :] < K)
+        src = X + rows[:, None] * stride_xm + ks[None, :]
+        if ACT:  # X is [gate | up]: SiLU(gate) rounded to the dtype, times up (kernels.silu_mul's rounding)
+            gate = tl.load(src, mask=x_ok, other=0.0).to(tl.float32)
+            up = tl.load(src + K, mask=x_ok, other=0.0).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(X.dtype.element_ty).to(tl.float32)
+            x = (silu * up).to(X.dtype.element_ty)
+        else:
+            x = tl.load(src, mask=x_ok, other=0.0)
+        w = tl.load(W + cols[:, None] * stride_wn + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
+                    other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    tl.store(PART + split * stride_ps + rows[:, None] * stride_pm + cols[None, :], acc,
+             mask=row_ok & (cols[None, :] < N))
+
+
+def split_k_linear(x: torch.Tensor, weight: torch.Tensor, config: SplitConfig, act: bool = False) -> torch.Tensor:
+    """fp32 partials (splits, M, N) whose sum over dim 0 is x @ weight.T, for x (M, K) with M <= 16; act=True: x is
+    [gate | up] (M, 2K) and the product is SiLU(gate) * up @ weight.T."""
+    rows = x.shape[0]
+    n, k = weight.shape
+    if rows > MAX_ROWS or x.shape[1] != (2 * k if act else k):
+        raise ValueError(f"split_k_linear: x {tuple(x.shape)} does not fit weight {tuple(weight.shape)} "
+                         f"(act={act}, at most {MAX_ROWS} rows)")
+    per_split = triton.cdiv(triton.cdiv(k, config.splits), config.block_k) * config.block_k
+    partials = torch.empty((config.splits, rows, n), dtype=torch.float32, device=x.device)
+    _split_k_kernel[(triton.cdiv(n, config.block_n), config.splits)](
+        x, weight, partials, rows, n, k, x.stride(0), weight.stride(0), partials.stride(0), partials.stride(1),
+        per_split, ACT=act, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=MAX_ROWS,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.warps, num_stages=config.stages)
+    return partials
+
+
+def torch_linear(x: torch.Tensor, weight: torch.Tensor, act: bool = False) -> torch.Tensor:
+    """The cuBLAS path the split-K launch replaces: (SiLU(gate) * up when act) @ weight.T, in x's dtype."""
+    if act:
+        from pytest_kvcache import kernels
+
+        out = torch.empty((x.shape[0], x.shape[1] // 2), dtype=x.dtype, device=x.device)
+        kernels.silu_mul(x, out)
+        x = out
+    return F.linear(x, weight)
+
+
+def graph_ms(fn, replays: int = 50) -> float:
+    """Median ms of one call of fn, captured in a CUDA graph (as the decode step runs it), after warm-ups."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def choose(x: torch.Tensor, weights: list[torch.Tensor], act: bool) -> SplitConfig | None:
+    """The fastest of cuBLAS (None) and CONFIGS for this weight shape, timed once per process over `weights` (every
+    layer's, in sequence, so none is read from L2) in a CUDA graph; rows are padded to 16, so M is not in the key.
+    Under Triton's interpreter (the CPU tests) the first split configuration, so the tests run this path."""
+    n, k = weights[0].shape
+    key = (n, k, act, str(x.dtype))
+    if key in CHOSEN:
+        return CHOSEN[key]
+    if INTERPRETED:
+        CHOSEN[key] = CONFIGS[1]
+        return CONFIGS[1]
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"split-K GEMM {n}x{k} reached a graph capture untuned: run the step once first")
+    candidates: list[SplitConfig | None] = [None, *CONFIGS]
+    times = []
+    for config in candidates:
+        if config is None:
+            times.append(graph_ms(lambda: [torch_linear(x, w, act) for w in weights]))
+            continue
+        try:
+            times.append(graph_ms(lambda c=config: [split_k_linear(x, w, c, act) for w in weights]))
+        except (RuntimeError, triton.runtime.errors.OutOfResources):  # a tile this GPU cannot hold: not a candidate
+            times.append(float("inf"))
+    CHOSEN[key] = candidates[times.index(min(times))]
+    return CHOSEN[key]
+
+
+def chosen_configs() -> list[dict]:
+    """Every weight shape chosen for in this process and its choice (for benchmark reports)."""
+    return [{"N": n, "K": k, "act": act, "dtype": dtype,
+             "choice": "cublas" if config is None else vars(config)} for (n, k, act, dtype), config in CHOSEN.items()]
