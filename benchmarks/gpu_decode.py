@@ -101,10 +101,19 @@ def projections(row: dict) -> str:
     """What ran the o and down projections of a decode case: cuBLAS, or split-K BLOCK_N/BLOCK_K/splits."""
     if "projections" in row:
         return row["projections"]
-    picks = [c["choice"] for c in row.get("projection_choices", [])]
-    if not picks:
+    if not row.get("projection_choices"):
         return "cuBLAS (batch > 16)" if row["batch"] > split_k.MAX_ROWS else "cuBLAS (tuned earlier)"
-    return ", ".join("cuBLAS" if p == "cublas" else f"{p['block_n']}/{p['block_k']}/{p['splits']}" for p in picks)
+    parts = []
+    for name, choice in zip(("o", "down"), row["projection_choices"]):
+        us = choice["us_per_layer"]
+        if choice["choice"] == "cublas":
+            parts.append(f"{name} cuBLAS ({us.get('cublas', float('nan')):.1f} us)")
+        else:
+            c = choice["choice"]
+            pick = f"{c['block_n']}/{c['block_k']}/{c['splits']}/{c['warps']}w/{c['stages']}s"
+            parts.append(f"{name} {c['block_n']}/{c['block_k']}/{c['splits']} ({us.get(pick, float('nan')):.1f} us, "
+                         f"cuBLAS {us.get('cublas', float('nan')):.1f})")
+    return ", ".join(parts)
 
 
 def triton_pow2(n: int) -> int:
@@ -267,7 +276,7 @@ def markdown(report: dict) -> str:
     if report.get("decode"):
         lines += ["## Full-cache decode step vs the bandwidth roofline", "",
                   ("| model | batch | context | ms/step | roofline | target | attention CHUNK/BLOCK_N (tuned) | "
-                   "o, down projections (split-K BLOCK_N/BLOCK_K/splits) |"),
+                   "o, down: cuBLAS or split-K BLOCK_N/BLOCK_K/splits (us per layer with its add + RMSNorm) |"),
                   "|---|---|---|---|---|---|---|---|"]
         for row in report["decode"]:
             lines.append(f"| {row['model']} | {row['batch']} | {row['context']} | {row['decode_step_ms']:.3f} | "

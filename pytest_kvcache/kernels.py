@@ -246,16 +246,16 @@ def _precision(x: torch.Tensor) -> str:
 
 
 @triton.jit
-def _add_rmsnorm_kernel(X, DELTA, W, OUT, eps, n_cols, n_parts, stride_x, stride_dp, stride_d, stride_o,
-                        HAS_DELTA: tl.constexpr, PARTIAL: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rmsnorm_kernel(X, DELTA, W, OUT, eps, n_cols, stride_x, stride_dp, stride_d, stride_o,
+                        HAS_DELTA: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_DELTA:
-        if PARTIAL:  # fp32 split-K partials (split_k.py): their sum, rounded as the GEMM's output would be
-            total = tl.zeros((BLOCK,), dtype=tl.float32)
-            for part in range(n_parts):
+        if PARTS > 0:  # fp32 split-K partials (split_k.py): their sum, rounded as the GEMM's output would be;
+            total = tl.zeros((BLOCK,), dtype=tl.float32)  # unrolled, so every part's load is in flight at once
+            for part in tl.static_range(PARTS):
                 total += tl.load(DELTA + part * stride_dp + row * stride_d + cols, mask=mask, other=0.0)
             delta = total.to(X.dtype.element_ty)
         else:
@@ -277,9 +277,9 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
     rows, cols = x.shape
     partial = delta is not None and delta.dim() == 3
     _add_rmsnorm_kernel[(rows,)](
-        x, delta if delta is not None else x, weight, out, eps, cols, delta.shape[0] if partial else 1, x.stride(0),
+        x, delta if delta is not None else x, weight, out, eps, cols, x.stride(0),
         delta.stride(0) if partial else 0, delta.stride(-2) if delta is not None else 0, out.stride(0),
-        HAS_DELTA=delta is not None, PARTIAL=partial, BLOCK=triton.next_power_of_2(cols),
+        HAS_DELTA=delta is not None, PARTS=delta.shape[0] if partial else 0, BLOCK=triton.next_power_of_2(cols),
         num_warps=8 if cols >= 4096 else 4,
     )
 

@@ -15,6 +15,7 @@ once per process on the shape's own weights in a CUDA graph (the way the step ru
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +40,10 @@ class SplitConfig:
 
 CONFIGS = [SplitConfig(n, k, s, 4, st) for n, k, s, st in (
     (16, 512, 1, 3), (32, 256, 2, 4), (32, 256, 4, 4), (64, 128, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3),
-    (16, 256, 8, 3), (64, 256, 2, 4),
+    (16, 256, 8, 3), (64, 256, 2, 4), (128, 128, 2, 4), (32, 512, 2, 3),
 )]
 CHOSEN: dict[tuple, SplitConfig | None] = {}  # (N, K, act, dtype) -> the measured choice; None: cuBLAS
+TIMES: dict[tuple, list[float]] = {}  # the same key -> us per layer of cuBLAS, then of each of CONFIGS
 
 
 @triton.jit
@@ -123,10 +125,13 @@ def graph_ms(fn, replays: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def choose(x: torch.Tensor, weights: list[torch.Tensor], act: bool) -> SplitConfig | None:
-    """The fastest of cuBLAS (None) and CONFIGS for this weight shape, timed once per process over `weights` (every
-    layer's, in sequence, so none is read from L2) in a CUDA graph; rows are padded to 16, so M is not in the key.
-    Under Triton's interpreter (the CPU tests) the first split configuration, so the tests run this path."""
+def choose(x: torch.Tensor, weights: list[torch.Tensor], act: bool,
+           consumer: Callable[[], Callable[[torch.Tensor], None]]) -> SplitConfig | None:
+    """The fastest of cuBLAS (None) and CONFIGS for this weight shape, each timed once per process as the step runs
+    it - over `weights` (every layer's, in sequence, so none is read from L2), each product followed by what
+    `consumer()` returns (the add + RMSNorm that reads it: summing more splits costs there), in a CUDA graph. Rows
+    are padded to 16, so M is not in the key. Under Triton's interpreter (the CPU tests) a split configuration, untimed, so the tests
+    run this path."""
     n, k = weights[0].shape
     key = (n, k, act, str(x.dtype))
     if key in CHOSEN:
@@ -137,20 +142,34 @@ def choose(x: torch.Tensor, weights: list[torch.Tensor], act: bool) -> SplitConf
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"split-K GEMM {n}x{k} reached a graph capture untuned: run the step once first")
     candidates: list[SplitConfig | None] = [None, *CONFIGS]
+    consume = consumer()
     times = []
     for config in candidates:
         if config is None:
-            times.append(graph_ms(lambda: [torch_linear(x, w, act) for w in weights]))
-            continue
+            def run() -> None:
+                for w in weights:
+                    consume(torch_linear(x, w, act))
+        else:
+            def run(c: SplitConfig = config) -> None:
+                for w in weights:
+                    consume(split_k_linear(x, w, c, act))
         try:
-            times.append(graph_ms(lambda c=config: [split_k_linear(x, w, c, act) for w in weights]))
+            times.append(graph_ms(run) * 1e3 / len(weights))
         except (RuntimeError, triton.runtime.errors.OutOfResources):  # a tile this GPU cannot hold: not a candidate
             times.append(float("inf"))
     CHOSEN[key] = candidates[times.index(min(times))]
+    TIMES[key] = times
     return CHOSEN[key]
 
 
 def chosen_configs() -> list[dict]:
-    """Every weight shape chosen for in this process and its choice (for benchmark reports)."""
+    """Every weight shape chosen for in this process, its choice, and microseconds per layer (product + consumer) of
+    cuBLAS and of each configuration (for benchmark reports)."""
     return [{"N": n, "K": k, "act": act, "dtype": dtype,
-             "choice": "cublas" if config is None else vars(config)} for (n, k, act, dtype), config in CHOSEN.items()]
+             "choice": "cublas" if config is None else vars(config),
+             "us_per_layer": dict(zip(["cublas"] + [_name(c) for c in CONFIGS], TIMES.get((n, k, act, dtype), [])))}
+            for (n, k, act, dtype), config in CHOSEN.items()]
+
+
+def _name(config: SplitConfig) -> str:
+    return f"{config.block_n}/{config.block_k}/{config.splits}/{config.warps}w/{config.stages}s"

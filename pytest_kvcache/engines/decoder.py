@@ -321,21 +321,27 @@ class Decoder:
                 kernels.rope_(qk, cos, sin)
             q, k = qk[:, :hq], qk[:, hq:]
             out = self._attend(i, h, q, k, v, step, written=target is not None)
-            delta = self._project(out.reshape(batch, hq * dim), "o", i)
+            delta = self._project(out.reshape(batch, hq * dim), "o", i, x, w.norm_post)
             kernels.add_rmsnorm(x, delta, w.norm_post, self.eps, h)
-            delta = self._project(F.linear(h, w.gate_up), "down", i)
+            delta = self._project(F.linear(h, w.gate_up), "down", i, x, w.norm_in)
         kernels.add_rmsnorm(x, delta, self.hf.model.norm.weight, self.eps, h)
         return self.hf.lm_head(h)
 
-    def _project(self, x: torch.Tensor, name: str, layer: int) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, name: str, layer: int, residual: torch.Tensor,
+                 norm: torch.Tensor) -> torch.Tensor:
         """Layer `layer`'s o or down projection of x (down: of SiLU(gate) * up, x = [gate | up]): split-K partials
-        for a captured step of at most 16 rows where split_k measured them faster than cuBLAS, else cuBLAS."""
-        from pytest_kvcache import split_k
+        for a captured step of at most 16 rows where split_k measured them, with the add + RMSNorm of `residual`
+        that reads them, faster than cuBLAS; else cuBLAS."""
+        from pytest_kvcache import kernels, split_k
 
         weights = [getattr(w, name) for w in self.weights]
         act = name == "down"
         if x.shape[0] <= split_k.MAX_ROWS and self.cache.capturable:
-            config = split_k.choose(x, weights, act)
+            def consumer():  # what reads the product, on scratch copies (only built when the shape is timed)
+                scratch, normed = residual.clone(), torch.empty_like(residual)
+                return lambda delta: kernels.add_rmsnorm(scratch, delta, norm, self.eps, normed)
+
+            config = split_k.choose(x, weights, act, consumer)
             if config is not None:
                 return split_k.split_k_linear(x, weights[layer], config, act)
         return split_k.torch_linear(x, weights[layer], act)
