@@ -9,8 +9,8 @@ attention over the policy's AttendSpec, one CUDA graph per batch size. On CPU th
 modules exactly as transformers does (tests compare it with `generate`); on CUDA it runs fused weights (q/k/v and
 gate/up concatenated, the modules' parameters re-pointed at views of them, so no memory is doubled) and Triton
 kernels for add + RMSNorm, RoPE and SiLU (pytest_kvcache/kernels.py): about a dozen launches per layer instead of ~35.
-At batch <= 16 the o and down projections run as split-K GEMMs whose partials the next add + RMSNorm sums, with
-SiLU(gate) * up in down's prologue (pytest_kvcache/split_k.py), where measured faster than cuBLAS.
+At batch <= 16 the o and down projections run as split-K GEMMs whose partials the next add + RMSNorm sums
+(pytest_kvcache/split_k.py), where measured faster than cuBLAS.
 The host work per step is one upload of the step fields and reading the new tokens.
 """
 
@@ -323,28 +323,29 @@ class Decoder:
             out = self._attend(i, h, q, k, v, step, written=target is not None)
             delta = self._project(out.reshape(batch, hq * dim), "o", i, x, w.norm_post)
             kernels.add_rmsnorm(x, delta, w.norm_post, self.eps, h)
-            delta = self._project(F.linear(h, w.gate_up), "down", i, x, w.norm_in)
+            gate_up = F.linear(h, w.gate_up)
+            act = torch.empty((batch, gate_up.shape[1] // 2), dtype=x.dtype, device=x.device)
+            kernels.silu_mul(gate_up, act)
+            delta = self._project(act, "down", i, x, w.norm_in)
         kernels.add_rmsnorm(x, delta, self.hf.model.norm.weight, self.eps, h)
         return self.hf.lm_head(h)
 
     def _project(self, x: torch.Tensor, name: str, layer: int, residual: torch.Tensor,
                  norm: torch.Tensor) -> torch.Tensor:
-        """Layer `layer`'s o or down projection of x (down: of SiLU(gate) * up, x = [gate | up]): split-K partials
-        for a captured step of at most 16 rows where split_k measured them, with the add + RMSNorm of `residual`
+        """Layer `layer`'s o or down projection of x: split-K partials for a captured step of at most 16 rows where split_k measured them, with the add + RMSNorm of `residual`
         that reads them, faster than cuBLAS; else cuBLAS."""
         from pytest_kvcache import kernels, split_k
 
         weights = [getattr(w, name) for w in self.weights]
-        act = name == "down"
         if x.shape[0] <= split_k.MAX_ROWS and self.cache.capturable:
             def consumer():  # what reads the product, on scratch copies (only built when the shape is timed)
                 scratch, normed = residual.clone(), torch.empty_like(residual)
                 return lambda delta: kernels.add_rmsnorm(scratch, delta, norm, self.eps, normed)
 
-            config = split_k.choose(x, weights, act, consumer)
+            config = split_k.choose(x, weights, consumer)
             if config is not None:
-                return split_k.split_k_linear(x, weights[layer], config, act)
-        return split_k.torch_linear(x, weights[layer], act)
+                return split_k.split_k_linear(x, weights[layer], config)
+        return F.linear(x, weights[layer])
 
     def take_step_times(self) -> list[tuple[float, int]]:
         """(milliseconds, KV bytes read) of every timed decode step since the last call (CUDA events)."""
