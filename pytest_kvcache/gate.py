@@ -7,7 +7,8 @@ ratio excludes 1); it is unchanged when the whole interval lies within +-thresho
 counters must match exactly; memory, counts and scores compare against a tolerance. Another configuration (hash)
 makes every metric "not comparable"; another machine fingerprint, rounds that other processes kept waiting for a
 CPU (bench.py), or a calibration ratio outside CALIBRATION_RANGE make the machine-dependent metrics "not
-comparable" instead of passing or failing them.
+comparable" instead of passing or failing them; latency tails (p90/p99) are compared only within their narrower
+calibration range (metrics.TAIL_CALIBRATION_RANGE).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 from collections.abc import Sequence
 
 from pytest_kvcache.machine import fingerprint_mismatch
-from pytest_kvcache.metrics import METRICS, Metric, metric
+from pytest_kvcache.metrics import CALIBRATION_RANGE, METRICS, Metric, metric
 from pytest_kvcache.results import (
     IMPROVED,
     MISSING,
@@ -31,7 +32,6 @@ from pytest_kvcache.results import (
 )
 from pytest_kvcache.stats import ALPHA, Effect, median, paired_log_effects, relative_change, session_effect
 
-CALIBRATION_RANGE = (0.5, 2.0)  # baseline / current calibration time within which time metrics are compared
 SCORE_EPSILON = 1e-6  # stored samples keep 6 significant digits: 2/3 is 0.666667
 SESSION_SD = 0.15  # between-session noise assumed by the stored-baseline gate (benchmarks/results/aa.md)
 
@@ -136,8 +136,19 @@ def gate(baseline: Measurement | None, current: Measurement, thresholds: dict[st
         why = f"configuration differs ({config_differences(baseline.config, current.config)})"
         return _not_comparable(names, baseline, current, why)
     reason, scale = machine_reason(baseline, current)
+
+    def why_not(rule: Metric) -> str | None:
+        """Why this machine-dependent metric is not compared at this calibration (None: it is)."""
+        if not rule.machine_dependent:
+            return None
+        low, high = rule.calibration_range
+        if reason is None and not low <= scale <= high:
+            return (f"calibration ratio x{scale:.3g} outside [{low:g}, {high:g}], the range for latency tails (the "
+                    f"share of gaps with a prefill in them shifts with the machine's speed)")
+        return reason
+
     common = set(baseline.metrics) & set(current.metrics)
-    statistical = [n for n in common if metric(n).statistical and not (reason and metric(n).machine_dependent)]
+    statistical = [n for n in common if metric(n).statistical and not why_not(metric(n))]
     family_alpha = alpha / max(1, len(statistical))
     verdicts = []
     for name in _order(names):
@@ -146,9 +157,9 @@ def gate(baseline: Measurement | None, current: Measurement, thresholds: dict[st
             verdicts.append(Verdict(name, MISSING, baseline.summary(name), None, None, 0.0, "not measured now"))
         elif name not in baseline.metrics:
             verdicts.append(Verdict(name, NEW, None, current.summary(name), None, 0.0))
-        elif reason and rule.machine_dependent:
+        elif why_not(rule):
             verdicts.append(Verdict(name, NOT_COMPARABLE, baseline.summary(name), current.summary(name), None, 0.0,
-                                    reason))
+                                    why_not(rule)))
         else:
             samples = _scaled(rule, current.metrics[name], scale)
             verdicts.append(_verdict(name, baseline.metrics[name], samples, threshold(name, thresholds),

@@ -103,6 +103,19 @@ def test_calibration_out_of_range_makes_time_metrics_not_comparable(calibration)
     assert verdicts["kv_tokens_evicted"].status == REGRESSED
 
 
+def test_latency_tails_need_a_nearly_equal_calibration():
+    """At a calibration ratio of x1.67 (inside [0.5, 2]) the median is scaled and compared but a p90 is not
+    comparable (the busy-machine false failure: ITL p90 x2.49 on unchanged code); at x1.1 both are compared."""
+    metrics = {"itl_ms": BASE, "itl_p90_ms": BASE}
+    current = {"itl_ms": scaled(BASE, 1 / 1.67), "itl_p90_ms": scaled(BASE, 1.5)}
+    verdicts = {v.metric: v for v in gate(m(metrics, 0.0167), m(current, 0.01), session_sd=0.0)}
+    assert verdicts["itl_ms"].status == UNCHANGED
+    tail = verdicts["itl_p90_ms"]
+    assert tail.status == NOT_COMPARABLE and "x1.67 outside [0.8, 1.25], the range for latency tails" in tail.detail
+    near = {v.metric: v for v in gate(m(metrics, 0.011), m(current, 0.01), session_sd=0.0)}
+    assert near["itl_p90_ms"].status == REGRESSED and near["itl_ms"].status == IMPROVED
+
+
 def test_another_machine_makes_time_metrics_not_comparable():
     """Timings from another CPU are not compared; bytes and counters are."""
     base = m({"ttft_ms": BASE, "kv_peak_bytes": [1000]}, machine={**MACHINE, "cpu": "Other CPU"})
