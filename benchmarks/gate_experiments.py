@@ -115,7 +115,7 @@ def compact(session) -> dict:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    data = Path(args.data)
+    data = Path(args.data).resolve()  # a session changes into its tree before it opens its log (forkserver._child)
     data.mkdir(parents=True, exist_ok=True)
     index = data / "sessions.jsonl"
     done = [json.loads(line) for line in index.read_text().splitlines()] if index.exists() else []
