@@ -4,7 +4,7 @@ the narrow o and down projections each take one launch that keeps every SM readi
 A decode step at batch <= 16 multiplies a few rows by each weight once: the GEMM is bound by reading the weight.
 cuBLAS reaches 32% (o, 2048 x 2048) and 57% (down, 2048 x 8192) of the copy bandwidth on an H200 at 8 rows
 (benchmarks/results/h200/skinny-gemm.md), in one or two launches; a narrow output has too few column tiles to keep
-132 SMs' loads in flight. Here K is split as well (Split-K, as CUTLASS's and Triton's GEMM tutorials do it): program
+132 SMs' loads in flight. Here K is split as well (as CUTLASS's split-K GEMMs do): program
 (column tile, split) writes its fp32 partial product into partials[split]; instead of a reduction launch, the
 consumer - kernels.add_rmsnorm, the residual add - sums the splits (deterministic: no atomics). Which
 configuration (or cuBLAS) a shape runs is measured once per process on the shape's own weights, with that consumer,
