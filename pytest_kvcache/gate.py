@@ -157,9 +157,9 @@ def gate(baseline: Measurement | None, current: Measurement, thresholds: dict[st
             verdicts.append(Verdict(name, MISSING, baseline.summary(name), None, None, 0.0, "not measured now"))
         elif name not in baseline.metrics:
             verdicts.append(Verdict(name, NEW, None, current.summary(name), None, 0.0))
-        elif why_not(rule):
+        elif why := why_not(rule):
             verdicts.append(Verdict(name, NOT_COMPARABLE, baseline.summary(name), current.summary(name), None, 0.0,
-                                    why_not(rule)))
+                                    why))
         else:
             samples = _scaled(rule, current.metrics[name], scale)
             verdicts.append(_verdict(name, baseline.metrics[name], samples, threshold(name, thresholds),

@@ -14,7 +14,6 @@ and dropped: it ran 2-15x slower than cuBLAS plus the SiLU launch on the H200 (b
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,8 +22,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from pytest_kvcache.kernels import INTERPRETED
+
 MAX_ROWS = 16  # tl.dot's smallest tile: batches up to this pad to it for free (the weight read dominates)
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,8 @@ def choose(x: torch.Tensor, weights: list[torch.Tensor],
     """The fastest of cuBLAS (None) and CONFIGS for this weight shape, each timed once per process as the step runs
     it - over `weights` (every layer's, in sequence, so none is read from L2), each product followed by what
     `consumer()` returns (the add + RMSNorm that reads it: summing more splits costs there), in a CUDA graph. Rows
-    are padded to 16, so M is not in the key. Under Triton's interpreter (the CPU tests) a split configuration, untimed, so the tests
-    run this path."""
+    are padded to 16, so M is not in the key. Under Triton's interpreter (the CPU tests) a split configuration,
+    untimed, so the tests run this path."""
     n, k = weights[0].shape
     key = (n, k, str(x.dtype))
     if key in CHOSEN:

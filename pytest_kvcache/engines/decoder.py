@@ -190,6 +190,8 @@ class Decoder:
         self.eps = self.layers[0].input_layernorm.variance_epsilon
         self.fused = model.device.type == "cuda" if kernels is None else kernels
         self.weights = fuse_weights(model) if self.fused else None
+        # each layer's o and down weights, as split_k.choose times them together (lists built once, not per step)
+        self.projections = {name: [getattr(w, name) for w in self.weights or []] for name in ("o", "down")}
         self.inputs = HostStaged(model.device, cache.n_slots, tokens=1, positions=1)
         self.attention = None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -332,11 +334,11 @@ class Decoder:
 
     def _project(self, x: torch.Tensor, name: str, layer: int, residual: torch.Tensor,
                  norm: torch.Tensor) -> torch.Tensor:
-        """Layer `layer`'s o or down projection of x: split-K partials for a captured step of at most 16 rows where split_k measured them, with the add + RMSNorm of `residual`
-        that reads them, faster than cuBLAS; else cuBLAS."""
+        """Layer `layer`'s o or down projection of x: split-K partials for a captured step of at most 16 rows where
+        split_k measured them, with the add + RMSNorm of `residual` that reads them, faster than cuBLAS; else cuBLAS."""
         from pytest_kvcache import kernels, split_k
 
-        weights = [getattr(w, name) for w in self.weights]
+        weights = self.projections[name]
         if x.shape[0] <= split_k.MAX_ROWS and self.cache.capturable:
             def consumer():  # what reads the product, on scratch copies (only built when the shape is timed)
                 scratch, normed = residual.clone(), torch.empty_like(residual)
