@@ -94,6 +94,8 @@ def round_metrics(r: Round, slo: SLO, device: str) -> dict[str, float]:
         out["allocator_peak_bytes"] = r.memory.allocator_peak_bytes
         out["peak_device_growth_bytes"] = r.memory.peak_device_growth_bytes
         out["allocator_peak_growth_bytes"] = r.memory.allocator_peak_growth_bytes
+        out["reserved_peak_growth_bytes"] = r.memory.reserved_peak_growth_bytes
+        out["outside_allocator_growth_bytes"] = r.memory.outside_allocator_growth_bytes
     else:
         out["rss_growth_bytes"] = r.memory.peak_rss_bytes - r.memory.start_rss_bytes
     return out

@@ -25,12 +25,27 @@ class MemoryReport:
     start_device_bytes: int | None = None
     allocator_peak_bytes: int | None = None
     start_allocated_bytes: int | None = None
+    reserved_peak_bytes: int | None = None
+    start_reserved_bytes: int | None = None
     timeline: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def peak_device_growth_bytes(self) -> int | None:
         """Device memory in use at the peak minus at the start (pynvml: every process on the GPU)."""
         return None if self.peak_device_bytes is None else self.peak_device_bytes - self.start_device_bytes
+
+    @property
+    def reserved_peak_growth_bytes(self) -> int | None:
+        """Device memory this process's allocator held at its peak minus at the start (cache emptied on entry)."""
+        return None if self.reserved_peak_bytes is None else self.reserved_peak_bytes - self.start_reserved_bytes
+
+    @property
+    def outside_allocator_growth_bytes(self) -> int | None:
+        """The part of the pynvml growth no allocator reserve explains: kernels loaded on first launch (CUDA's lazy
+        module loading), library handles and graph executables; it depends on what the process ran before."""
+        if self.peak_device_bytes is None or self.reserved_peak_bytes is None:
+            return None
+        return max(0, self.peak_device_growth_bytes - self.reserved_peak_growth_bytes)
 
     @property
     def allocator_peak_growth_bytes(self) -> int | None:
@@ -59,7 +74,7 @@ class MemoryWatcher:
         self._rss_peak = 0
         self._thread: threading.Thread | None = None
         self._nvml = None
-        self._device_start = self._allocated_start = None
+        self._device_start = self._allocated_start = self._reserved_start = None
 
     def _read(self) -> int:
         if self._nvml is not None:
@@ -85,6 +100,7 @@ class MemoryWatcher:
             self._nvml = _nvml_handle(self.device)
             self._device_start = self._read()
             self._allocated_start = int(torch.cuda.memory_allocated(self.device))
+            self._reserved_start = int(torch.cuda.memory_reserved(self.device))
         self._rss_start = psutil.Process().memory_info().rss
         self._thread = threading.Thread(target=self._sample, name="kvcache-memory", daemon=True)
         self._thread.start()
@@ -96,9 +112,10 @@ class MemoryWatcher:
         self._stop.set()
         self._thread.join()
         self._rss_peak = max(self._rss_peak, psutil.Process().memory_info().rss)
-        device_peak = allocator_peak = None
+        device_peak = allocator_peak = reserved_peak = None
         if self._nvml is not None:
             device_peak = max(b for _, b in self._samples)
             allocator_peak = int(torch.cuda.max_memory_allocated(self.device))
+            reserved_peak = int(torch.cuda.max_memory_reserved(self.device))
         self.report = MemoryReport(self._rss_start, self._rss_peak, device_peak, self._device_start, allocator_peak,
-                                   self._allocated_start, self._samples)
+                                   self._allocated_start, reserved_peak, self._reserved_start, self._samples)

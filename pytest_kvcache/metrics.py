@@ -100,6 +100,10 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("allocator_peak_bytes", "B", "memory", "torch allocator peak", threshold=0.05),
     Metric("peak_device_growth_bytes", "B", "memory", "device memory peak above its level at the measurement's start",
            threshold=0.05, slack=16 * MIB),
+    Metric("reserved_peak_growth_bytes", "B", "memory", "device memory the torch allocator reserved at its peak above "
+           "its level at the measurement's start", threshold=0.05, slack=16 * MIB),
+    Metric("outside_allocator_growth_bytes", "B", "memory", "device growth (pynvml) no allocator reserve explains: "
+           "kernels loaded on first launch, library handles, graph executables", threshold=0.05, slack=16 * MIB),
     Metric("allocator_peak_growth_bytes", "B", "memory", "torch allocator peak above its level at the measurement's "
            "start", threshold=0.05, slack=16 * MIB),
     Metric("kv_peak_bytes", "B", "memory", "peak resident KV bytes, exact, from the strategy's accounting",
