@@ -160,6 +160,11 @@ def gate(baseline: Measurement | None, current: Measurement, thresholds: dict[st
         elif why := why_not(rule):
             verdicts.append(Verdict(name, NOT_COMPARABLE, baseline.summary(name), current.summary(name), None, 0.0,
                                     why))
+        elif rule.history_dependent:
+            verdicts.append(Verdict(name, UNKNOWN, baseline.summary(name), current.summary(name),
+                                    relative_change(baseline.summary(name), current.summary(name)), 0.0,
+                                    "depends on what ran before in the process: gated through "
+                                    "allocator_peak_growth_bytes"))
         else:
             samples = _scaled(rule, current.metrics[name], scale)
             verdicts.append(_verdict(name, baseline.metrics[name], samples, threshold(name, thresholds),

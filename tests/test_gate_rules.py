@@ -266,3 +266,20 @@ def test_a_pair_of_interleaved_sessions_is_judged_round_by_round():
     assert pair_log_ratio([1.0, 2.0, 4.0], [2.0, 4.0, 8.0]) == pytest.approx(math.log(2.0))
     assert pair_log_ratio([10.0, 40.0, 10.0], [20.0, 40.0, 20.0]) == pytest.approx(2 * math.log(2.0) / 3)
     assert pair_log_ratio([1.0, 3.0], [2.0]) == pytest.approx(0.0)
+
+
+def test_history_dependent_device_readings_are_reported_and_the_allocator_growth_is_gated():
+    """Absolute device peaks include models earlier tests left loaded: 3.4 GiB more against a stored baseline is
+    unknown (with the reason), never a failure; the allocator's growth above the test's start is still gated."""
+    gib = 2**30
+    base = {"allocator_peak_bytes": [35 * gib], "peak_device_bytes": [40 * gib], "allocator_peak_growth_bytes": [gib]}
+    now = {"allocator_peak_bytes": [38.4 * gib], "peak_device_bytes": [43.4 * gib], "allocator_peak_growth_bytes": [gib]}
+    verdicts = {v.metric: v for v in gate(m(base), m(now))}
+    for name in ("allocator_peak_bytes", "peak_device_bytes"):
+        assert verdicts[name].status == UNKNOWN and "depends on what ran before" in verdicts[name].detail
+    assert verdicts["allocator_peak_growth_bytes"].status == UNCHANGED and overall(list(verdicts.values())) == UNCHANGED
+    grown = {**now, "allocator_peak_growth_bytes": [1.2 * gib]}
+    assert {v.metric: v for v in gate(m(base), m(grown))}["allocator_peak_growth_bytes"].status == REGRESSED
+    history = [n for n in ("peak_device_growth_bytes", "reserved_peak_growth_bytes", "outside_allocator_growth_bytes")
+               if metric(n).history_dependent]
+    assert len(history) == 3
