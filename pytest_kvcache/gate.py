@@ -161,8 +161,8 @@ def gate(baseline: Measurement | None, current: Measurement, thresholds: dict[st
             verdicts.append(Verdict(name, NOT_COMPARABLE, baseline.summary(name), current.summary(name), None, 0.0,
                                     why))
         elif rule.history_dependent:
-            verdicts.append(Verdict(name, UNKNOWN, baseline.summary(name), current.summary(name),
-                                    relative_change(baseline.summary(name), current.summary(name)), 0.0,
+            before, now = baseline.summary(name), current.summary(name)
+            verdicts.append(Verdict(name, UNKNOWN, before, now, relative_change(before, now), 0.0,
                                     "depends on what ran before in the process: gated through "
                                     "allocator_peak_growth_bytes"))
         else:
