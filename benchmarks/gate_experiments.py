@@ -50,9 +50,9 @@ from pytest_kvcache.compare import (
     sequential,
     worktree,
 )
-from pytest_kvcache.gate import pair_log_ratio
+from pytest_kvcache.gate import pair_log_ratio, pair_speed_ratio, round_speeds
 from pytest_kvcache.results import Measurement
-from pytest_kvcache.stats import min_pairs
+from pytest_kvcache.stats import min_pairs, remove_covariate
 from pytest_kvcache.turns import Conductor
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -195,7 +195,9 @@ def measurements(record: dict, rounds: int | None) -> dict[str, tuple[Measuremen
     out = {}
     for test_id, t in record["tests"].items():
         metrics = {n: v[:rounds] if rounds else v for n, v in t["metrics"].items()}
-        m = Measurement(test_id, "", {"hash": t["config_hash"]}, metrics, None)
+        points = t.get("calibration_points_s") or []
+        info = {"calibration_points_s": points[:rounds + 1] if rounds else points}
+        m = Measurement(test_id, "", {"hash": t["config_hash"]}, metrics, None, info=info)
         out[test_id] = (m, t["thresholds"])
     return out
 
@@ -230,34 +232,54 @@ def groups(pairs: list[tuple], plan: Plan) -> list[tuple[int, list[Judgement]]]:
     return out
 
 
-def log_ratio_sd(pairs: list[tuple], name: str) -> float:
-    """Median over tests of the SD of one metric's per-pair log ratios, as the gate forms them (pair_log_ratio)."""
+def test_ratios(pairs: list[tuple], test_id: str, name: str, calibrated: bool) -> tuple[list[tuple], np.ndarray, float]:
+    """One test's pairs that measured `name` (base, head measurements), their per-pair log ratios as the gate forms
+    them (calibrated: less their slope on the calibration's ratio, gate.paired) or raw, and that slope."""
+    sides = [(b[test_id][0], h[test_id][0]) for b, h in pairs
+             if test_id in b and test_id in h and name in b[test_id][0].metrics and name in h[test_id][0].metrics]
+    d = np.array([[pair_log_ratio(base.metrics[name], head.metrics[name])] for base, head in sides])
+    shifts = [pair_speed_ratio(base, head) for base, head in sides]
+    if not calibrated or not sides or None in shifts:
+        return sides, d[:, 0] if sides else d, 0.0
+    adjusted, slopes = remove_covariate(d, shifts)
+    return sides, adjusted[:, 0], slopes[0]
+
+
+def log_ratio_sd(pairs: list[tuple], name: str, calibrated: bool = True) -> float:
+    """Median over tests of the SD of one metric's per-pair log ratios as the gate forms them, or raw."""
     sds = []
     for test_id in pairs[0][0]:
-        d = [pair_log_ratio(b[test_id][0].metrics[name], h[test_id][0].metrics[name])
-             for b, h in pairs if test_id in b and test_id in h and name in b[test_id][0].metrics]
+        _, d, _ = test_ratios(pairs, test_id, name, calibrated)
         if len(d) > 2:
             sds.append(float(np.std(d, ddof=1)))
     return float(np.median(sds)) if sds else math.nan
 
 
 def noise_parts(pairs: list[tuple], name: str) -> dict[str, float]:
-    """Where a pair's noise comes from (medians over tests): `round` the SD of one round-by-round log ratio around
-    its pair's mean, `pair` the SD of the per-pair log ratio, `between` what is left of it once the rounds' share
-    (round**2 / rounds) is taken out: the part that more rounds per pair cannot shrink."""
+    """Where a pair's noise comes from (medians over tests, adjusted for the calibration as the gate does): `round`
+    the SD of one round-by-round log ratio around its pair's mean, `pair` the SD of the per-pair log ratio,
+    `between` what is left of it once the rounds' share (round**2 / rounds) is taken out: the part that more rounds
+    per pair cannot shrink."""
     parts: dict[str, list[float]] = {"round": [], "pair": [], "between": [], "rounds": []}
     for test_id in pairs[0][0]:
-        sides = [(b[test_id][0].metrics[name], h[test_id][0].metrics[name]) for b, h in pairs
-                 if test_id in b and test_id in h and name in b[test_id][0].metrics
-                 and len(b[test_id][0].metrics[name]) == len(h[test_id][0].metrics[name]) > 1]
-        if len(sides) < 3:
+        sides, d, slope = test_ratios(pairs, test_id, name, calibrated=True)
+        same = [i for i, (base, head) in enumerate(sides) if len(base.metrics[name]) == len(head.metrics[name]) > 1]
+        if len(same) < 3:
             continue
-        rounds = float(np.mean([len(base) for base, _ in sides]))
-        within = float(np.sqrt(np.mean([np.var(np.log(head) - np.log(base), ddof=1) for base, head in sides])))
-        pair = float(np.std([pair_log_ratio(base, head) for base, head in sides], ddof=1))
-        parts["round"].append(within)
+        within = []
+        for i in same:
+            base, head = sides[i]
+            r = np.log(head.metrics[name]) - np.log(base.metrics[name])
+            sb, sh = round_speeds(base), round_speeds(head)
+            if slope and sb is not None and sh is not None:
+                r = r - slope * (np.asarray(sh) - np.asarray(sb))
+            within.append(np.var(r, ddof=1))
+        rounds = float(np.mean([len(sides[i][0].metrics[name]) for i in same]))
+        round_sd = float(np.sqrt(np.mean(within)))
+        pair = float(np.std(d[same], ddof=1))
+        parts["round"].append(round_sd)
         parts["pair"].append(pair)
-        parts["between"].append(math.sqrt(max(pair**2 - within**2 / rounds, 0.0)))
+        parts["between"].append(math.sqrt(max(pair**2 - round_sd**2 / rounds, 0.0)))
         parts["rounds"].append(rounds)
     return {k: float(np.median(v)) if v else math.nan for k, v in parts.items()}
 
@@ -289,15 +311,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         words = [v.word for _, vs in judged for v in vs]
         counts = {w: words.count(w) for w in sorted(set(words))}
         slower = counts.get("slower", 0)
-        sd = {name: log_ratio_sd(pairs, name) for name in ("tpot_ms", "itl_ms", "e2e_ms", "cpu_ms_per_token",
-                                                           "output_throughput", "ttft_ms")}
+        sd_names = ("tpot_ms", "itl_ms", "e2e_ms", "cpu_ms_per_token", "output_throughput", "ttft_ms")
+        sd = {name: log_ratio_sd(pairs, name) for name in sd_names}
+        raw_sd = {name: log_ratio_sd(pairs, name, calibrated=False) for name in sd_names}
         looked = pairs[:plan.pairs]
         first_look = [v.word for v in judge_pairs(looked, plan.alpha_per_look)] if len(looked) >= min_pairs() else []
         entry = {"label": "A/A" if head == "B" else f"planted {int(head[1:])}% slower decode", "pairs": len(pairs),
                  "first_look": {w: first_look.count(w) for w in sorted(set(first_look))}, "first_look_pairs": len(looked),
                  "compares": len(judged), "pairs_per_compare": [n for n, _ in judged], "verdicts": len(words),
                  "counts": counts, "slower_share": slower / len(words) if words else math.nan,
-                 "log_ratio_sd": sd, "noise_parts": {name: noise_parts(pairs, name) for name in NOISE_METRICS}}
+                 "log_ratio_sd": sd, "raw_log_ratio_sd": raw_sd, "noise_parts": {name: noise_parts(pairs, name) for name in NOISE_METRICS}}
         if args.thorough_trials and len(pairs) >= 2:  # too few blocks for disjoint groups: bootstrap the same plan
             entry["resampled_slower_share"] = {n: resampled_power(pairs, n, args.thorough_trials, plan.alpha, seed=n)
                                                for n in (plan.pairs, plan.max_pairs)}
@@ -339,11 +362,13 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
     lines += [f"| {e['label']} ({head}) | {e['first_look_pairs']} | "
               + (", ".join(f"{n} {w}" for w, n in e["first_look"].items()) or "-") + " |"
               for head, e in report["comparisons"].items()]
-    lines += ["", "SD of the per-pair log ratio (median over tests):", "",
-              "| comparison | " + " | ".join(next(iter(report["comparisons"].values()))["log_ratio_sd"]) + " |",
-              "|---|" + "---|" * len(next(iter(report["comparisons"].values()))["log_ratio_sd"])]
+    sd_names = list(next(iter(report["comparisons"].values()))["log_ratio_sd"])
+    lines += ["", ("SD of the per-pair log ratio (median over tests), as the gate forms it (less its slope on the ratio of "
+                   "the two processes' calibrations) and, after the slash, from the raw times:"), "",
+              "| comparison | " + " | ".join(sd_names) + " |", "|---|" + "---|" * len(sd_names)]
     for head, e in report["comparisons"].items():
-        lines.append(f"| {head} | " + " | ".join(f"{v:.3f}" for v in e["log_ratio_sd"].values()) + " |")
+        lines.append(f"| {head} | " + " | ".join(f"{e['log_ratio_sd'][n]:.3f} / {e['raw_log_ratio_sd'][n]:.3f}"
+                                               for n in sd_names) + " |")
     lines += ["", ("Where a pair's noise comes from (log scale, median over tests): the SD of one round's ratio around "
                    "its pair's mean, the SD of the pair's ratio, and the part of it between pairs (process offsets) once "
                    "the rounds' share (round SD^2 / rounds) is taken out; the last column projects a pair of "
@@ -351,6 +376,8 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
               f"| comparison | metric | rounds | round | pair | between pairs | pair of {PROJECTED_ROUNDS} rounds |", "|---|---|---|---|---|---|---|"]
     for head, e in report["comparisons"].items():
         for name, p in e["noise_parts"].items():
+            if math.isnan(p["rounds"]):  # sessions of one round, or too few pairs
+                continue
             projected = math.sqrt(p["between"] ** 2 + p["round"] ** 2 / PROJECTED_ROUNDS)
             lines.append(f"| {head} | {name} | {p['rounds']:.0f} | {p['round']:.3f} | {p['pair']:.3f} | "
                          f"{p['between']:.3f} | {projected:.3f} |")

@@ -6,7 +6,8 @@ to one CPU by the plugin. The two sessions of a pair run at once but take turns 
 every timed round, so each round of a test runs right after the other side's same round and slow drifts of the
 machine's speed fall on both alike. Which side leads in each pair is drawn at random (or alternates: --order abba),
 and every order is recorded. Each test and metric is judged from one log ratio per pair (gate.pair_log_ratio: the
-mean of its round-by-round ratios; stats.paired_log_effects, through the one gate): same / slower / faster / unknown
+mean of its round-by-round ratios, less its slope on the two processes' calibration ratio, gate.paired;
+stats.paired_log_effects, through the one gate): same / slower / faster / unknown
 with the change and its interval; exact counters must match (`changed`). While some test is unknown, pairs are
 added up to --max-pairs; the error rate is split over the looks. A pair in which a session's rounds kept waiting
 for a CPU (other processes took it) is left out and measured again, up to twice --max-pairs pairs in all.

@@ -9,12 +9,20 @@ makes every metric "not comparable"; another machine fingerprint, rounds that ot
 CPU (bench.py), or a calibration ratio outside CALIBRATION_RANGE make the machine-dependent metrics "not
 comparable" instead of passing or failing them; latency tails (p90/p99) are compared only within their narrower
 calibration range (metrics.TAIL_CALIBRATION_RANGE).
+
+Both gates correct time metrics by the in-process calibration: against a stored baseline by the ratio of the two
+calibrations; between paired sessions by removing each metric's slope on the pairs' calibration ratios (a process's
+speed offset shows in its calibration too: benchmarks/results/gate-decode2.md), unless the head moved the
+calibration itself (CALIBRATION_SHIFT), which then judges raw times.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
+
+import numpy as np
 
 from pytest_kvcache.machine import fingerprint_mismatch
 from pytest_kvcache.metrics import CALIBRATION_RANGE, METRICS, Metric, metric
@@ -30,9 +38,18 @@ from pytest_kvcache.results import (
     Verdict,
     representative,
 )
-from pytest_kvcache.stats import ALPHA, Effect, median, paired_log_effects, relative_change, session_effect
+from pytest_kvcache.stats import (
+    ALPHA,
+    Effect,
+    median,
+    paired_log_effects,
+    relative_change,
+    remove_covariate,
+    session_effect,
+)
 
 SCORE_EPSILON = 1e-6  # stored samples keep 6 significant digits: 2/3 is 0.666667
+CALIBRATION_SHIFT = 0.05  # a head whose own calibration moved more than this is judged on raw times
 SESSION_SD = 0.15  # between-session noise assumed by the stored-baseline gate (benchmarks/results/aa.md)
 
 
@@ -201,6 +218,17 @@ def _verdict(name: str, base: list[float], current: list[float], limit: float, e
                    effect.describe() + note, effect.low, effect.high)
 
 
+def round_speeds(m: Measurement) -> list[float] | None:
+    """Per round, the log of the calibration time around it (mean log of the points before and after): how fast
+    this process found the machine while it ran that round; None without a point on each side of every round."""
+    points = m.info.get("calibration_points_s") or []
+    rounds = max((len(v) for v in m.metrics.values()), default=0)
+    if len(points) != rounds + 1 or min(points, default=0) <= 0:
+        return None
+    logs = [math.log(p) for p in points]
+    return [(a + b) / 2 for a, b in itertools.pairwise(logs)]
+
+
 def pair_log_ratio(base: list[float], head: list[float]) -> float:
     """One pair's log ratio head/base: the mean of round-by-round log ratios when both sessions have the same rounds
     (kvbench compare interleaves them, round i of one next to round i of the other, so both share the machine's
@@ -208,6 +236,28 @@ def pair_log_ratio(base: list[float], head: list[float]) -> float:
     if len(base) == len(head) and min(base) > 0 and min(head) > 0:
         return sum(math.log(h / b) for b, h in zip(base, head)) / len(base)
     return math.log(median(head) / median(base))
+
+
+def pair_speed_ratio(base: Measurement, head: Measurement) -> float | None:
+    """One pair's log ratio head/base of the calibration around its rounds (None where a side lacks it): how much
+    slower the head's process found the machine than the base's while they ran."""
+    sb, sh = round_speeds(base), round_speeds(head)
+    if sb is None or sh is None or not sb or not sh:
+        return None
+    return sum(sh) / len(sh) - sum(sb) / len(sb)
+
+
+def calibration_covariate(base: list[Measurement], head: list[Measurement], alpha: float, seed: int
+                          ) -> tuple[list[float] | None, str]:
+    """Every pair's pair_speed_ratio, or None (and why) when a side lacks it or the head changed the calibration
+    itself beyond CALIBRATION_SHIFT: then times are judged raw, so a head that slows the whole process is seen."""
+    shifts = [pair_speed_ratio(b, h) for b, h in zip(base, head)]
+    if any(c is None for c in shifts):
+        return None, "; raw times (no calibration around every round)"
+    effect = paired_log_effects([[c] for c in shifts], alpha, seed)[0]
+    if effect.significant and abs(effect.ratio - 1) > CALIBRATION_SHIFT:
+        return None, f"; raw times: the head's calibration is x{effect.ratio:.3f} the base's"
+    return shifts, ""
 
 
 def paired(base: list[Measurement], head: list[Measurement], thresholds: dict[str, float] | None = None,
@@ -226,9 +276,15 @@ def paired(base: list[Measurement], head: list[Measurement], thresholds: dict[st
     session_values = {n: ([median(m.metrics[n]) for m in base], [median(m.metrics[n]) for m in head])
                       for n in on_base & on_head if metric(n).statistical}
     family = [n for n, (b, h) in session_values.items() if min(b) > 0 and min(h) > 0]
-    effects = {}
+    effects, notes = {}, {}
     if family:
-        d = [[pair_log_ratio(b.metrics[n], h.metrics[n]) for n in family] for b, h in zip(base, head)]
+        shifts, note = calibration_covariate(base, head, alpha, seed)
+        d = np.array([[pair_log_ratio(b.metrics[n], h.metrics[n]) for n in family] for b, h in zip(base, head)])
+        if shifts is None:
+            notes = dict.fromkeys(family, note)
+        else:
+            d, slopes = remove_covariate(d, shifts)
+            notes = {n: f"; adjusted for the calibration (slope {b:.2f})" for n, b in zip(family, slopes)}
         effects = dict(zip(family, paired_log_effects(d, alpha, seed)))
     verdicts = []
     for name in _order(names):
@@ -238,7 +294,8 @@ def paired(base: list[Measurement], head: list[Measurement], thresholds: dict[st
             verdicts.append(Verdict(name, NEW, None, None, None, 0.0, "not measured by every base session"))
         elif name in session_values:
             b, h = session_values[name]
-            verdicts.append(_verdict(name, b, h, threshold(name, thresholds), lambda *_, n=name: effects[n]))
+            verdicts.append(_verdict(name, b, h, threshold(name, thresholds), lambda *_, n=name: effects[n],
+                                     notes.get(name, "")))
         else:
             b = [s for m in base for s in m.metrics[name]]
             h = [s for m in head for s in m.metrics[name]]

@@ -126,6 +126,22 @@ def paired_log_effects(d: np.ndarray | Sequence[Sequence[float]], alpha: float =
     return effects
 
 
+def remove_covariate(d: np.ndarray | Sequence[Sequence[float]], c: Sequence[float]) -> tuple[np.ndarray, list[float]]:
+    """Per-pair log ratios (rows: pairs, columns: metrics) less their least-squares slope on a covariate measured in
+    the same pairs (regression through the origin, as CUPED does with a pre-period metric), and the slopes.
+
+    Swapping the sides of a pair negates its ratio and its covariate alike, so each slope is the same for every
+    sign flip of whole pairs: the adjusted ratios keep `paired_log_effects`' exact null distribution. A covariate
+    that is all zero leaves the ratios as they are."""
+    d = np.asarray(d, dtype=float)
+    x = np.asarray(c, dtype=float)
+    if d.ndim != 2 or x.shape != (d.shape[0],) or not np.isfinite(x).all():
+        raise ValueError(f"need one finite covariate per pair, got {x.shape} for log ratios of shape {d.shape}")
+    sxx = float(x @ x)
+    slopes = x @ d / sxx if sxx > 0 else np.zeros(d.shape[1])
+    return d - np.outer(x, slopes), [float(b) for b in slopes]
+
+
 def session_effect(base: Sequence[float], head: Sequence[float], session_sd: float, alpha: float = ALPHA) -> Effect:
     """head/base between two sessions: the ratio of round medians, with an interval that adds `session_sd`
     (log-scale SD of one session's offset) for each side to the spread of the rounds. Values must be > 0."""

@@ -268,6 +268,38 @@ def test_a_pair_of_interleaved_sessions_is_judged_round_by_round():
     assert pair_log_ratio([1.0, 3.0], [2.0]) == pytest.approx(0.0)
 
 
+def calibrated(values, offsets, slowdown=1.0):
+    """One session per pair: 3 rounds of `values[i]` in a process `offsets[i]` times slower, calibration included
+    (4 points around the 3 rounds); `slowdown` is what the head's code adds to the samples only."""
+    return [Measurement("t", "s", {"rounds": 3}, {"tpot_ms": [v * k * slowdown] * 3, "output_throughput": [100 / (k * slowdown)] * 3},
+                        0.002 * k, MACHINE, {"calibration_points_s": [0.002 * k] * 4})
+            for v, k in zip(values, offsets)]
+
+
+def test_paired_times_are_adjusted_for_each_process_calibration():
+    """A process's speed offset shows in its own calibration (benchmarks/results/gate-calibrated.md): processes of
+    both sides that ran up to 60% slow in the engine and the calibration alike are judged the same (the ratios less
+    their slope on the calibration's), a planted 10% in the samples alone is still found; a head whose calibration
+    itself moved is judged on raw times, with the reason."""
+    base = [10.0] * 12
+    slow = [1.0, 1.6, 1.2, 1.5, 1.3, 1.4, 1.2, 1.6, 1.3, 1.5, 1.2, 1.4]
+    raw = paired(sessions(base), sessions([b * k / j for b, k, j in zip(base, slow[6:] + slow[:6], slow)]))[0]
+    assert raw.status == UNKNOWN
+    same = {v.metric: v for v in paired(calibrated(base, slow), calibrated(base, slow[6:] + slow[:6]))}
+    assert same["tpot_ms"].status == same["output_throughput"].status == UNCHANGED
+    assert same["tpot_ms"].detail.endswith("adjusted for the calibration (slope 1.00)")
+    assert same["output_throughput"].detail.endswith("adjusted for the calibration (slope -1.00)")
+    wobble = [1.0, 1.02, 0.99, 1.01] * 3
+    slower = paired(calibrated(base, wobble), calibrated(base, wobble[::-1], slowdown=1.1))
+    assert {v.status for v in slower} == {REGRESSED}
+    assert slower[0].change == pytest.approx(0.1)
+    whole = paired(calibrated(base, [1.0] * 12), calibrated(base, [1.2] * 12))
+    assert {v.status for v in whole} == {REGRESSED}
+    assert whole[0].detail.endswith("raw times: the head's calibration is x1.200 the base's")
+    bare = paired(sessions(base), sessions(base))[0]
+    assert bare.detail.endswith("raw times (no calibration around every round)")
+
+
 def test_history_dependent_device_readings_are_reported_and_the_allocator_growth_is_gated():
     """Absolute device peaks include models earlier tests left loaded: 3.4 GiB more against a stored baseline is
     unknown (with the reason), never a failure; the allocator's growth above the test's start is still gated."""

@@ -19,6 +19,7 @@ from pytest_kvcache.stats import (
     min_pvalue_sign_flip,
     paired_effects,
     relative_change,
+    remove_covariate,
     session_effect,
 )
 
@@ -172,3 +173,20 @@ def test_median_and_relative_change():
     assert relative_change(-10.0, -5.0) == pytest.approx(0.5)
     assert relative_change(0.0, 0.0) == 0.0
     assert relative_change(0.0, 1.0) == math.inf
+
+
+def test_a_covariate_slope_is_removed_and_is_the_same_for_every_sign_flip():
+    """Ratios that follow the calibration's ratio at slope 1.5 plus a constant keep only the constant's share that
+    the covariate does not explain; negating any pairs (swapping their sides) leaves the slope as it is."""
+    c = np.array([0.3, -0.2, 0.1, -0.4, 0.2])
+    d = np.column_stack([1.5 * c + 0.1, -c])
+    adjusted, slopes = remove_covariate(d, c)
+    expected = 1.5 + 0.1 * c.sum() / (c @ c)
+    assert slopes == pytest.approx([expected, -1.0])
+    assert adjusted[:, 1] == pytest.approx(np.zeros(5))
+    flip = np.array([1, -1, -1, 1, -1])
+    _, flipped = remove_covariate(d * flip[:, None], c * flip)
+    assert flipped == pytest.approx(slopes)
+    assert remove_covariate(d, np.zeros(5))[0] == pytest.approx(d)
+    with pytest.raises(ValueError, match="one finite covariate per pair"):
+        remove_covariate(d, [1.0, 2.0])
