@@ -255,6 +255,12 @@ def log_ratio_sd(pairs: list[tuple], name: str, calibrated: bool = True) -> floa
     return float(np.median(sds)) if sds else math.nan
 
 
+def calibration_slope(pairs: list[tuple], name: str) -> float:
+    """Median over tests of the slope of one metric's per-pair log ratios on the calibration ratio (gate.paired)."""
+    slopes = [test_ratios(pairs, test_id, name, calibrated=True)[2] for test_id in pairs[0][0]]
+    return float(np.median(slopes)) if slopes else math.nan
+
+
 def noise_parts(pairs: list[tuple], name: str) -> dict[str, float]:
     """Where a pair's noise comes from (medians over tests, adjusted for the calibration as the gate does): `round`
     the SD of one round-by-round log ratio around its pair's mean, `pair` the SD of the per-pair log ratio,
@@ -314,13 +320,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         sd_names = ("tpot_ms", "itl_ms", "e2e_ms", "cpu_ms_per_token", "output_throughput", "ttft_ms")
         sd = {name: log_ratio_sd(pairs, name) for name in sd_names}
         raw_sd = {name: log_ratio_sd(pairs, name, calibrated=False) for name in sd_names}
+        slope = {name: calibration_slope(pairs, name) for name in sd_names}
         looked = pairs[:plan.pairs]
         first_look = [v.word for v in judge_pairs(looked, plan.alpha_per_look)] if len(looked) >= min_pairs() else []
         entry = {"label": "A/A" if head == "B" else f"planted {int(head[1:])}% slower decode", "pairs": len(pairs),
                  "first_look": {w: first_look.count(w) for w in sorted(set(first_look))}, "first_look_pairs": len(looked),
                  "compares": len(judged), "pairs_per_compare": [n for n, _ in judged], "verdicts": len(words),
                  "counts": counts, "slower_share": slower / len(words) if words else math.nan,
-                 "log_ratio_sd": sd, "raw_log_ratio_sd": raw_sd, "noise_parts": {name: noise_parts(pairs, name) for name in NOISE_METRICS}}
+                 "log_ratio_sd": sd, "raw_log_ratio_sd": raw_sd, "calibration_slope": slope, "noise_parts": {name: noise_parts(pairs, name) for name in NOISE_METRICS}}
         if args.thorough_trials and len(pairs) >= 2:  # too few blocks for disjoint groups: bootstrap the same plan
             entry["resampled_slower_share"] = {n: resampled_power(pairs, n, args.thorough_trials, plan.alpha, seed=n)
                                                for n in (plan.pairs, plan.max_pairs)}
@@ -369,6 +376,10 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
     for head, e in report["comparisons"].items():
         lines.append(f"| {head} | " + " | ".join(f"{e['log_ratio_sd'][n]:.3f} / {e['raw_log_ratio_sd'][n]:.3f}"
                                                for n in sd_names) + " |")
+    lines += ["", "The calibration slope the gate removed (median over tests):", "",
+              "| comparison | " + " | ".join(sd_names) + " |", "|---|" + "---|" * len(sd_names)]
+    lines += [f"| {head} | " + " | ".join(f"{e['calibration_slope'][n]:.2f}" for n in sd_names) + " |"
+              for head, e in report["comparisons"].items()]
     lines += ["", ("Where a pair's noise comes from (log scale, median over tests): the SD of one round's ratio around "
                    "its pair's mean, the SD of the pair's ratio, and the part of it between pairs (process offsets) once "
                    "the rounds' share (round SD^2 / rounds) is taken out; the last column projects a pair of "
