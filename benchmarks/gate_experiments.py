@@ -245,20 +245,16 @@ def test_ratios(pairs: list[tuple], test_id: str, name: str, calibrated: bool) -
     return sides, adjusted[:, 0], slopes[0]
 
 
-def log_ratio_sd(pairs: list[tuple], name: str, calibrated: bool = True) -> float:
-    """Median over tests of the SD of one metric's per-pair log ratios as the gate forms them, or raw."""
-    sds = []
+def ratio_spread(pairs: list[tuple], name: str, calibrated: bool = True) -> tuple[float, float]:
+    """Medians over tests of the SD of one metric's per-pair log ratios as the gate forms them (or raw) and of the
+    calibration slope it removed (gate.paired; 0 for raw ratios)."""
+    sds, slopes = [], []
     for test_id in pairs[0][0]:
-        _, d, _ = test_ratios(pairs, test_id, name, calibrated)
+        _, d, slope = test_ratios(pairs, test_id, name, calibrated)
+        slopes.append(slope)
         if len(d) > 2:
             sds.append(float(np.std(d, ddof=1)))
-    return float(np.median(sds)) if sds else math.nan
-
-
-def calibration_slope(pairs: list[tuple], name: str) -> float:
-    """Median over tests of the slope of one metric's per-pair log ratios on the calibration ratio (gate.paired)."""
-    slopes = [test_ratios(pairs, test_id, name, calibrated=True)[2] for test_id in pairs[0][0]]
-    return float(np.median(slopes)) if slopes else math.nan
+    return (float(np.median(sds)) if sds else math.nan), (float(np.median(slopes)) if slopes else math.nan)
 
 
 def noise_parts(pairs: list[tuple], name: str) -> dict[str, float]:
@@ -318,9 +314,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         counts = {w: words.count(w) for w in sorted(set(words))}
         slower = counts.get("slower", 0)
         sd_names = ("tpot_ms", "itl_ms", "e2e_ms", "cpu_ms_per_token", "output_throughput", "ttft_ms")
-        sd = {name: log_ratio_sd(pairs, name) for name in sd_names}
-        raw_sd = {name: log_ratio_sd(pairs, name, calibrated=False) for name in sd_names}
-        slope = {name: calibration_slope(pairs, name) for name in sd_names}
+        adjusted = {name: ratio_spread(pairs, name) for name in sd_names}
+        sd, slope = ({name: v[i] for name, v in adjusted.items()} for i in (0, 1))
+        raw_sd = {name: ratio_spread(pairs, name, calibrated=False)[0] for name in sd_names}
         looked = pairs[:plan.pairs]
         first_look = [v.word for v in judge_pairs(looked, plan.alpha_per_look)] if len(looked) >= min_pairs() else []
         entry = {"label": "A/A" if head == "B" else f"planted {int(head[1:])}% slower decode", "pairs": len(pairs),
