@@ -344,7 +344,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def markdown(report: dict, args: argparse.Namespace) -> str:
     trials = f" --thorough-trials {args.thorough_trials}" if args.thorough_trials else ""
-    command = (f"`python benchmarks/gate_experiments.py analyze {' '.join(args.data)} --name {args.name}{trials}`"
+    rounds = f" --rounds {args.rounds}" if args.rounds else ""
+    command = (f"`python benchmarks/gate_experiments.py analyze {' '.join(args.data)} --name {args.name}{rounds}{trials}`"
                + (f" (first {args.rounds} rounds of each session)" if args.rounds else ""))
     design = (f"Each compare: kvbench compare's smoke plan, {report['plan']['pairs']} pairs, up to "
               f"{report['plan']['max_pairs']} while a test is unknown; disjoint groups of consecutive pairs of one "

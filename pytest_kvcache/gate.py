@@ -11,9 +11,10 @@ comparable" instead of passing or failing them; latency tails (p90/p99) are comp
 calibration range (metrics.TAIL_CALIBRATION_RANGE).
 
 Both gates correct time metrics by the in-process calibration: against a stored baseline by the ratio of the two
-calibrations; between paired sessions by removing each metric's slope on the pairs' calibration ratios (a process's
-speed offset shows in its calibration too: benchmarks/results/gate-decode2.md), unless the head moved the
-calibration itself (CALIBRATION_SHIFT), which then judges raw times.
+calibrations; between paired sessions by taking each metric's change at equal calibration, the intercept of its
+line on the pairs' calibration ratios (a process's speed offset shows in its calibration too:
+benchmarks/results/gate-decode2.md; stats.paired_log_effects), unless the head moved the calibration itself
+(CALIBRATION_SHIFT), which then judges raw times.
 """
 
 from __future__ import annotations
@@ -283,9 +284,9 @@ def paired(base: list[Measurement], head: list[Measurement], thresholds: dict[st
         if shifts is None:
             notes = dict.fromkeys(family, note)
         else:
-            d, slopes = remove_covariate(d, shifts)
+            _, slopes = remove_covariate(d, shifts)
             notes = {n: f"; adjusted for the calibration (slope {b:.2f})" for n, b in zip(family, slopes)}
-        effects = dict(zip(family, paired_log_effects(d, alpha, seed)))
+        effects = dict(zip(family, paired_log_effects(d, alpha, seed, covariate=shifts)))
     verdicts = []
     for name in _order(names):
         if name not in on_head:

@@ -72,16 +72,36 @@ def _sign_patterns(n: int, seed: int) -> np.ndarray:
     return flips
 
 
-def _t(d: np.ndarray, flips: np.ndarray) -> np.ndarray:
-    """t statistics (F, m) of the mean of sign-flipped rows of d (n, m); a zero spread gives 0 or +-inf."""
+def _estimates(d: np.ndarray, flips: np.ndarray, c: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(estimates, standard errors), each (F, m), over sign-flipped pairs: of the mean of d's rows (n, m) or, with
+    a covariate c (n,) flipped alongside, of the intercept of each column's least-squares line on c (its value at
+    c = 0: both processes found the machine equally fast)."""
     n = d.shape[0]
     means = flips @ d / n
-    sumsq = (d**2).sum(axis=0)
-    var = np.maximum(sumsq - n * means**2, 0.0) / (n - 1)
-    se = np.sqrt(var / n)
+    syy = np.maximum((d**2).sum(axis=0) - n * means**2, 0.0)
+    if c is None:
+        estimates, var = means, syy / (n - 1) / n
+    else:
+        # flipping a pair negates its ratio and its covariate alike: x @ x and x @ d stay, only the means move
+        cbar = (flips @ c / n)[:, None]
+        sxx = c @ c - n * cbar**2
+        sxd = (c @ d)[None, :] - n * cbar * means
+        degenerate = sxx <= 1e-12 * (c @ c)  # every flipped covariate equal: no line (counted as t = 0)
+        sxx = np.where(degenerate, 1.0, sxx)
+        slope = sxd / sxx
+        estimates = np.where(degenerate, 0.0, means - slope * cbar)
+        rss = np.maximum(syy - slope * sxd, 0.0)
+        var = np.where(degenerate, 0.0, rss / (n - 2) * (1 / n + cbar**2 / sxx))
+    # rounding leaves ~1e-17 where a line fits exactly: read it as the 0 it is, or one flip's t is +-inf
+    tol = 1e-9 * np.sqrt((d**2).mean(axis=0))
+    se = np.sqrt(var)
+    return np.where(np.abs(estimates) <= tol, 0.0, estimates), np.where(se <= tol, 0.0, se)
+
+
+def _t(estimates: np.ndarray, se: np.ndarray) -> np.ndarray:
+    """t statistics; a zero spread gives 0 or +-inf."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(se > 0, means / se, np.where(means == 0, 0.0, np.sign(means) * np.inf))
-    return t
+        return np.where(se > 0, estimates / se, np.where(estimates == 0, 0.0, np.sign(estimates) * np.inf))
 
 
 def paired_effects(base: Sequence[Sequence[float]], head: Sequence[Sequence[float]], alpha: float = ALPHA,
@@ -100,45 +120,69 @@ def paired_effects(base: Sequence[Sequence[float]], head: Sequence[Sequence[floa
     return paired_log_effects(np.log(h) - np.log(b), alpha, seed)
 
 
-def paired_log_effects(d: np.ndarray | Sequence[Sequence[float]], alpha: float = ALPHA, seed: int = 0
-                       ) -> list[Effect]:
+def paired_log_effects(d: np.ndarray | Sequence[Sequence[float]], alpha: float = ALPHA, seed: int = 0,
+                       covariate: Sequence[float] | None = None) -> list[Effect]:
     """`paired_effects` from the per-pair log ratios head/base directly (rows: pairs, columns: metrics): for pairs
-    whose rounds were interleaved, a pair's log ratio is the mean over its rounds of round-by-round log ratios."""
+    whose rounds were interleaved, a pair's log ratio is the mean over its rounds of round-by-round log ratios.
+
+    With a `covariate` (one value per pair, negated when the pair's sides are swapped, such as the log ratio of the
+    two processes' calibration), each metric's estimate is the intercept of its least-squares line on the covariate
+    (ANCOVA, as CUPED adjusts by a pre-period metric): the change with the processes' speed offset taken out, its
+    standard error the intercept's (n - 2 degrees of freedom, with the covariate's mean in it). The line is fitted
+    again for every sign flip, so the max-t null distribution stays exact. A line through the origin instead would
+    take a real change as slope wherever the covariate's pairs lean one way (one disturbed calibration point made a
+    4x slowdown `unknown`). A covariate without spread is left out."""
     d = np.asarray(d, dtype=float)
     if d.ndim != 2 or d.shape[0] < 1 or not np.isfinite(d).all():
         raise ValueError(f"log ratios must be a finite (pairs, metrics) matrix, got shape {d.shape}")
     n, m = d.shape
-    mean = d.mean(axis=0)
+    c = _covariate(covariate, n)
     method = f"paired sessions, n={n}"
     if n < min_pairs(alpha):
+        mean = d.mean(axis=0) if c is None else d.mean(axis=0) - _slopes(d, c) * c.mean()
         return [Effect(math.exp(x), 0.0, math.inf, 1 - alpha, n, f"{method} < {min_pairs(alpha)} pairs needed")
                 for x in mean]
     flips = _sign_patterns(n, seed)
-    max_t = np.sort(np.abs(_t(d, flips)).max(axis=1))[::-1]
+    estimates, se = _estimates(d, flips, c)
+    max_t = np.sort(np.abs(_t(estimates, se)).max(axis=1))[::-1]
     critical = max_t[math.floor(alpha * len(max_t))]
-    se = d.std(axis=0, ddof=1) / math.sqrt(n)
     label = f"{method}, sign-flip max-t over {m} metric{'s' if m > 1 else ''}"
     effects = []
-    for x, s in zip(mean, se):
+    for x, s in zip(estimates[0], se[0]):  # row 0 of the sign patterns is the observed one (no flip)
         half = critical * s if s > 0 else 0.0
         low, high = (math.exp(x - half), math.exp(x + half)) if math.isfinite(half) else (0.0, math.inf)
         effects.append(Effect(math.exp(x), low, high, 1 - alpha, n, label))
     return effects
 
 
+def _covariate(c: Sequence[float] | None, n: int) -> np.ndarray | None:
+    """The covariate as an array, or None when there is none or it has no spread to fit a line on."""
+    if c is None:
+        return None
+    x = np.asarray(c, dtype=float)
+    if x.shape != (n,) or not np.isfinite(x).all():
+        raise ValueError(f"need one finite covariate per pair, got {x.shape} for {n} pairs")
+    return x if n > 2 and float(np.ptp(x)) > 0 else None
+
+
+def _slopes(d: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Each column's least-squares slope on x, with an intercept (x has spread)."""
+    xc = x - x.mean()
+    return xc @ (d - d.mean(axis=0)) / (xc @ xc)
+
+
 def remove_covariate(d: np.ndarray | Sequence[Sequence[float]], c: Sequence[float]) -> tuple[np.ndarray, list[float]]:
     """Per-pair log ratios (rows: pairs, columns: metrics) less their least-squares slope on a covariate measured in
-    the same pairs (regression through the origin, as CUPED does with a pre-period metric), and the slopes.
-
-    Swapping the sides of a pair negates its ratio and its covariate alike, so each slope is the same for every
-    sign flip of whole pairs: the adjusted ratios keep `paired_log_effects`' exact null distribution. A covariate
-    that is all zero leaves the ratios as they are."""
+    the same pairs, fitted with an intercept as `paired_log_effects` does, and the slopes: the adjusted ratios'
+    mean is its estimate and their SD its residual spread. A covariate without spread leaves the ratios as they
+    are."""
     d = np.asarray(d, dtype=float)
-    x = np.asarray(c, dtype=float)
-    if d.ndim != 2 or x.shape != (d.shape[0],) or not np.isfinite(x).all():
-        raise ValueError(f"need one finite covariate per pair, got {x.shape} for log ratios of shape {d.shape}")
-    sxx = float(x @ x)
-    slopes = x @ d / sxx if sxx > 0 else np.zeros(d.shape[1])
+    if d.ndim != 2:
+        raise ValueError(f"log ratios must be a (pairs, metrics) matrix, got shape {d.shape}")
+    x = _covariate(c, d.shape[0])
+    if x is None:
+        return d, [0.0] * d.shape[1]
+    slopes = _slopes(d, x)
     return d - np.outer(x, slopes), [float(b) for b in slopes]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pytest_kvcache import cli
-from pytest_kvcache.compare import Plan, Run, Session, Judgement, report, sequential, verdicts
+from pytest_kvcache.compare import Judgement, Plan, Run, Session, report, sequential, verdicts
 from pytest_kvcache.results import UNKNOWN, Measurement, Outcome, Results
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,13 +155,15 @@ def test_compare_finds_a_planted_slowdown_in_the_working_tree(repo, tmp_path, mo
     assert code == 1, capsys.readouterr()
     printed = capsys.readouterr()
     assert "test_tiny[tiny] slower" in " ".join(printed.out.split())
-    assert "pair 8 done (8/8 usable, max 8)" in printed.err
     text = summary.read_text()
     assert text.startswith("# CI\n### kvbench compare: working tree vs main")
     assert "| test_tiny[tiny] | slower |" in " ".join(text.split()) and "- added (only on working tree): test_added[tiny]" in text
     data = json.loads((out / "compare.json").read_text())
-    assert len(data["orders"]) == 8 and all(sorted(o) == ["base", "head"] for o in data["orders"])
-    assert [t["verdict"] for t in data["tests"]] == ["slower"]
+    replaced = len({s["pair"] for s in data["sessions"] if s["disturbed"]})  # a busy machine may disturb some
+    assert len(data["orders"]) == 8 + replaced and all(sorted(o) == ["base", "head"] for o in data["orders"])
+    left = f"; {replaced} disturbed by other processes, replaced" if replaced else ""
+    assert f"pair {8 + replaced} done (8/8 usable, max 8{left})" in printed.err
+    assert [(t["verdict"], t["pairs"]) for t in data["tests"]] == [("slower", 8)]
     assert git(repo, "worktree", "list").count("\n") == 1
 
 
