@@ -7,7 +7,8 @@
 `collect` checks out HEAD twice (as `kvbench compare HEAD HEAD` does) and runs one long sequence of blocks through
 compare's own runner, fork server and turn-taking while `python3 -c 'while True: pass'` keeps one core busy all
 along. A block is one pair as compare runs it: a session of A and one of another variant at once, interleaved round
-by round, the leading side drawn; the other variants take turns, each once per cycle in a drawn order. A and B are
+by round, the leading side drawn; the other variants take turns, each once per cycle in a drawn order (a variant
+named twice in --variants comes twice per cycle: A/A compares run to the most pairs, so they need more). A and B are
 plain sessions of the two checkouts, Sxx are sessions of the second checkout whose decode step is planted xx%
 slower (benchmarks/plant_slowdown.py, through KVBENCH_PLANT_SLOWDOWN). Every session's per-round values are appended
 to DATA/sessions.jsonl, so a run can be stopped and resumed.

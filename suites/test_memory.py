@@ -18,10 +18,6 @@ STRATEGIES = [
 
 
 @pytest.mark.kv_strategies(*STRATEGIES)
-# The smoke selection `kvbench compare` runs on pull requests: ten interleaved rounds of each; a pair of sessions
-# takes about 74 s on 2 cores beside a busy process (benchmarks/results/gate-10rounds.md).
-@pytest.mark.kv_smoke("full", "streaming:budget=0.2", "streaming:budget=0.5", "h2o:budget=0.2", "h2o:budget=0.5",
-                      "infinigen:budget=0.5", "quantized:bits=4", "paged")
 def test_kv_memory(kv_bench, kv_model, kv_strategy, request_trace):
     trace = request_trace(model=kv_model, rate=math.inf, num_requests=8, prompt_len=384, output_len=32, seed=3)
     measurement = kv_bench(trace, kv_model, kv_strategy)
