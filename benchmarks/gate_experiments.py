@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from scipy.stats import binomtest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -287,6 +288,15 @@ def noise_parts(pairs: list[tuple], name: str) -> dict[str, float]:
     return {k: float(np.median(v)) if v else math.nan for k, v in parts.items()}
 
 
+def share_interval(k: int, n: int) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) 95% interval of a share of k in n verdicts: 0 of 200 A/A verdicts bounds the false
+    alarm rate below 1.8%, not at 0."""
+    if n == 0:
+        return math.nan, math.nan
+    ci = binomtest(k, n).proportion_ci(0.95, method="exact")
+    return float(ci.low), float(ci.high)
+
+
 def resampled_power(pairs: list[tuple], n: int, trials: int, alpha: float, seed: int) -> float:
     """Share of 'slower' test verdicts of fixed-size compares of n pairs drawn with replacement (bootstrap)."""
     rng = np.random.default_rng(seed)
@@ -324,6 +334,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                  "first_look": {w: first_look.count(w) for w in sorted(set(first_look))}, "first_look_pairs": len(looked),
                  "compares": len(judged), "pairs_per_compare": [n for n, _ in judged], "verdicts": len(words),
                  "counts": counts, "slower_share": slower / len(words) if words else math.nan,
+                 "slower_share_ci95": share_interval(slower, len(words)),
                  "log_ratio_sd": sd, "raw_log_ratio_sd": raw_sd, "calibration_slope": slope, "noise_parts": {name: noise_parts(pairs, name) for name in NOISE_METRICS}}
         if args.thorough_trials and len(pairs) >= 2:  # too few blocks for disjoint groups: bootstrap the same plan
             entry["resampled_slower_share"] = {n: resampled_power(pairs, n, args.thorough_trials, plan.alpha, seed=n)
@@ -354,12 +365,13 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
               "interleaved round by round as compare runs them. Median pair "
               f"{report['session_seconds']['median']:.1f} s (max {report['session_seconds']['max']:.1f} s).")
     lines = [f"# {args.name}", "", command, "", design, "",
-             "| comparison | compares | pairs used | test verdicts | slower | share slower | other verdicts |",
+             "| comparison | compares | pairs used | test verdicts | slower | share slower (95% interval) | other verdicts |",
              "|---|---|---|---|---|---|---|"]
     for head, e in report["comparisons"].items():
         others = ", ".join(f"{n} {w}" for w, n in e["counts"].items() if w != "slower") or "-"
         lines.append(f"| {e['label']} ({head}) | {e['compares']} | {sum(e['pairs_per_compare'])} | {e['verdicts']} | "
-                     f"{e['counts'].get('slower', 0)} | {e['slower_share']:.1%} | {others} |" if e["verdicts"] else
+                     f"{e['counts'].get('slower', 0)} | {e['slower_share']:.1%} ({e['slower_share_ci95'][0]:.1%}-"
+                     f"{e['slower_share_ci95'][1]:.1%}) | {others} |" if e["verdicts"] else
                      f"| {e['label']} ({head}) | 0 | - | 0 | - | - | fewer than {report['plan']['max_pairs']} pairs |")
     lines += ["", (f"The first look of a compare (its first {report['plan']['pairs']} usable pairs, or all there are, at "
                    "the first look's error rate; a real compare adds pairs while a test is unknown):"), "",
