@@ -47,7 +47,7 @@ bench: $(STAMP)
 quality: $(STAMP)
 	$(call pytest,suites/ -m "quality and not sweep")
 
-# The characterization study on this machine (about 12 minutes on 2 cores): the sweep of
+# The characterization study on this machine (about 17 minutes on 2 cores): the sweep of
 # suites/test_characterization.py, then its report (HTML + markdown) in a new folder under report/. The quality
 # plots read the committed quality and retrieval results; pass your own `make quality` results to refresh them.
 QUALITY_RESULTS ?= benchmarks/results/cpu/quality/kvcache-20261201-235237.json \

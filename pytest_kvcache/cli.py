@@ -20,7 +20,8 @@ from pytest_kvcache.traces import TraceSpec, load_jsonl, save_jsonl, synthetic
 SMOKE_ARGS = ["suites/", "-m", "smoke", "--kv-rounds", "10"]  # test_decode's smoke strategies; at 5 rounds a
 # planted 10% was found in 16 of 21 verdicts against 19 of 21 at 10 (gate-decode3-first5.md, gate-decode3.md)
 SMOKE_PAIRS = (12, 20)  # initial and most pairs of a smoke compare (benchmarks/results/gate-decode3.md)
-THOROUGH = (40, 80)  # --thorough: more pairs for small changes; measured power in benchmarks/results/gate-interleaved.md
+THOROUGH = (40, 80)  # --thorough: a bootstrap of the smoke selection finds a planted 5% in 94% of compares at 40
+# pairs (benchmarks/results/gate-decode3.md)
 
 
 def _baseline_text(ref: str, machine_id: str, suite: str, baselines: str) -> tuple[str | None, str]:
@@ -142,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     comp = sub.add_parser("compare", help="measure BASE and HEAD (default: the working tree) in pairs of sessions "
-                                          "interleaved round by round on this machine; exit 1 if a test got slower",
-                          description=f"extra pytest arguments go after `--` (default: {' '.join(SMOKE_ARGS)})")
+                                          "interleaved round by round on this machine; exit 1 if a test got slower "
+                                          "(or worse, or an exact counter changed), 2 on bad input",
+                          description=f"pytest arguments after `--` replace the smoke selection (default: {' '.join(SMOKE_ARGS)})")
     comp.add_argument("base", help="git ref to compare against (main, origin/main, a commit)")
     comp.add_argument("head", nargs="?", default=None, help="git ref to measure (default: the working tree)")
     comp.add_argument("--pairs", type=_positive, default=SMOKE_PAIRS[0],
@@ -152,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"pairs to add up to while a test is unknown (default: {SMOKE_PAIRS[1]})")
     comp.add_argument("--step", type=_positive, default=4, help="pairs added per look (default: 4)")
     comp.add_argument("--thorough", action="store_true",
-                      help=f"at least {THOROUGH[0]} pairs, up to {THOROUGH[1]}: finds 5%% slowdowns (default: off)")
+                      help=f"at least {THOROUGH[0]} pairs, up to {THOROUGH[1]}: for changes of about 5%% "
+                           "(default: off)")
     comp.add_argument("--order", choices=["random", "abba"], default="random",
                       help="which side leads each pair's rounds (default: random, drawn from --seed; abba: "
                            "alternating between pairs)")
