@@ -42,6 +42,7 @@ from pytest_kvcache.results import (
 from pytest_kvcache.stats import (
     ALPHA,
     Effect,
+    fittable_covariate,
     median,
     paired_log_effects,
     relative_change,
@@ -258,6 +259,8 @@ def calibration_covariate(base: list[Measurement], head: list[Measurement], alph
     effect = paired_log_effects([[c] for c in shifts], alpha, seed)[0]
     if effect.significant and abs(effect.ratio - 1) > CALIBRATION_SHIFT:
         return None, f"; raw times: the head's calibration is x{effect.ratio:.3f} the base's"
+    if fittable_covariate(shifts, len(shifts)) is None:
+        return None, "; raw times (the calibration ratios have no spread to fit a line on)"
     return shifts, ""
 
 

@@ -136,7 +136,7 @@ def paired_log_effects(d: np.ndarray | Sequence[Sequence[float]], alpha: float =
     if d.ndim != 2 or d.shape[0] < 1 or not np.isfinite(d).all():
         raise ValueError(f"log ratios must be a finite (pairs, metrics) matrix, got shape {d.shape}")
     n, m = d.shape
-    c = _covariate(covariate, n)
+    c = fittable_covariate(covariate, n)
     method = f"paired sessions, n={n}"
     if n < min_pairs(alpha):
         mean = d.mean(axis=0) if c is None else d.mean(axis=0) - _slopes(d, c) * c.mean()
@@ -155,14 +155,17 @@ def paired_log_effects(d: np.ndarray | Sequence[Sequence[float]], alpha: float =
     return effects
 
 
-def _covariate(c: Sequence[float] | None, n: int) -> np.ndarray | None:
-    """The covariate as an array, or None when there is none or it has no spread to fit a line on."""
+def fittable_covariate(c: Sequence[float] | None, n: int) -> np.ndarray | None:
+    """The covariate as an array, or None when there is none or it has no spread to fit a line on: fewer than 3
+    pairs, or a spread that is rounding (a constant ratio such as log(1.1 b) - log(b) differs by ~1e-16; _estimates
+    reads the same criterion as degenerate, so the observed fit never is)."""
     if c is None:
         return None
     x = np.asarray(c, dtype=float)
     if x.shape != (n,) or not np.isfinite(x).all():
         raise ValueError(f"need one finite covariate per pair, got {x.shape} for {n} pairs")
-    return x if n > 2 and float(np.ptp(x)) > 0 else None
+    centred = x - x.mean()
+    return x if n > 2 and centred @ centred > 1e-12 * (x @ x) else None
 
 
 def _slopes(d: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -179,7 +182,7 @@ def remove_covariate(d: np.ndarray | Sequence[Sequence[float]], c: Sequence[floa
     d = np.asarray(d, dtype=float)
     if d.ndim != 2:
         raise ValueError(f"log ratios must be a (pairs, metrics) matrix, got shape {d.shape}")
-    x = _covariate(c, d.shape[0])
+    x = fittable_covariate(c, d.shape[0])
     if x is None:
         return d, [0.0] * d.shape[1]
     slopes = _slopes(d, x)

@@ -14,6 +14,7 @@ from scipy.stats import mannwhitneyu
 from pytest_kvcache.stats import (
     ALPHA,
     Effect,
+    fittable_covariate,
     median,
     min_pairs,
     min_pvalue_sign_flip,
@@ -216,3 +217,18 @@ def test_with_a_covariate_the_sign_flip_test_stays_exact():
     significant = sum(any(e.significant for e in paired_log_effects(d * f[:, None], 0.01, covariate=c * f))
                       for f in flips)
     assert 1 <= significant <= 2
+
+
+def test_a_covariate_whose_spread_is_rounding_is_left_out():
+    """A constant calibration ratio computed per pair, log(1.1 b) - log(b), differs by ~1e-16 across pairs: that is
+    no spread to fit a line on, so the change is judged on the ratios alone (it was read as an exact zero, x1.000
+    [1.000, 1.000], whatever the ratios said)."""
+    b = np.array([1.7, 2.3, 1.9, 2.8, 2.1, 1.6, 2.5, 2.2, 1.8, 2.0])
+    c = np.log(1.1 * b) - np.log(b)
+    assert np.ptp(c) > 0 and fittable_covariate(c, len(c)) is None
+    d = np.log(1.1) + np.array([0.02, -0.01, 0.03, -0.02, 0.01, 0.0, -0.03, 0.02, 0.01, -0.01])
+    (effect,) = paired_log_effects(d[:, None], covariate=c)
+    assert effect == paired_log_effects(d[:, None])[0]
+    assert effect.low > 1.05 and effect.ratio == pytest.approx(1.1, rel=0.01)
+    assert fittable_covariate(np.array([0.1, -0.2, 0.05]), 3) is not None
+    assert fittable_covariate(np.array([0.1, -0.2]), 2) is None
