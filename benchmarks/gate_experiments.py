@@ -82,7 +82,7 @@ def own_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def foreign_cores(neighbour: psutil.Process, seconds: float = 3.0) -> float:
+def foreign_cores(neighbour: psutil.Process, seconds: float = 1.0) -> float:
     """CPUs kept busy by processes other than the experiment's neighbour, over a short look."""
     busy, own = busy_seconds(), own_seconds(neighbour)
     time.sleep(seconds)
@@ -94,13 +94,16 @@ def wait_until_quiet(neighbour: psutil.Process, limit: float, max_wait_s: float)
     `max_wait_s`: the experiment's condition is one busy neighbour, not three. The neighbour is stopped while
     nothing is measured, so the wait does not slow the others down. Returns (waited s, last foreign)."""
     start = time.monotonic()
+    held = False
     while True:
         foreign = foreign_cores(neighbour)
         if foreign <= limit or time.monotonic() - start >= max_wait_s:
-            neighbour.resume()
-            time.sleep(1)
+            if held:  # a second for the neighbour to be busy again before the block starts
+                neighbour.resume()
+                time.sleep(1)
             return time.monotonic() - start, foreign
         neighbour.suspend()
+        held = True
         time.sleep(20)
 
 
@@ -124,14 +127,18 @@ def cmd_collect(args: argparse.Namespace) -> int:
     complete = {r["block"] for r in done}
     variants = args.variants.split(",")
     pytest_args = args.pytest_args or [*SMOKE_ARGS, "-p", "benchmarks.plant_slowdown"]
-    (data / "setup.json").write_text(json.dumps({"variants": variants, "pytest_args": pytest_args,
-                                                 "commit": resolve(ROOT, "HEAD")}, indent=1) + "\n")
+    commit = resolve(ROOT, "HEAD")
+    setup = data / "setup.json"
+    before = json.loads(setup.read_text()) if setup.exists() else {}
+    commits = before.get("commits") or ([{"commit": before["commit"], "from_block": 0}] if "commit" in before else [])
+    setup.write_text(json.dumps({"variants": variants, "pytest_args": pytest_args,  # a resumed run adds its commit
+                                 "commits": [*commits, {"commit": commit, "from_block": len(complete)}]},
+                                indent=1) + "\n")
     rng = random.Random(args.seed)
     heads = [v for v in variants if v != "A"]
     plan = []  # (head variant, leading session) per block: every head once per cycle, in a drawn order
     while len(plan) < args.blocks:
         plan += [(head, rng.choice(["A", head])) for head in rng.sample(heads, len(heads))]
-    commit = resolve(ROOT, "HEAD")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # remove the worktrees when stopped
     neighbour = busy_neighbour()
     watched = psutil.Process(neighbour.pid)
