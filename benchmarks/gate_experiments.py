@@ -318,13 +318,13 @@ def resampled_power(pairs: list[tuple], n: int, trials: int, alpha: float, seed:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     sessions = load(args.data)
-    plan = Plan(SMOKE_PAIRS[0], SMOKE_PAIRS[1], 4, "random", 0)
+    plan = Plan(SMOKE_PAIRS[0], args.max_pairs or SMOKE_PAIRS[1], 4, "random", 0)
     rounds = args.rounds
     rows, report = [], {"data": args.data, "rounds": rounds or "all",
                         "plan": {"pairs": plan.pairs, "max_pairs": plan.max_pairs, "step": plan.step,
                                  "alpha": plan.alpha}, "comparisons": {}}
     seconds = [r["seconds"] for v in sessions.values() for r in v.values()]
-    heads = [v for v in sessions if v != "A"]
+    heads = sorted((v for v in sessions if v != "A"), key=lambda v: (v != "B", v))  # A/A first, then by slowdown
     for head in heads:
         pairs = pair_stream(sessions, "A", head, rounds)
         judged = groups(pairs, plan)
@@ -364,9 +364,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def markdown(report: dict, args: argparse.Namespace) -> str:
     trials = f" --thorough-trials {args.thorough_trials}" if args.thorough_trials else ""
     rounds = f" --rounds {args.rounds}" if args.rounds else ""
-    command = (f"`python benchmarks/gate_experiments.py analyze {' '.join(args.data)} --name {args.name}{rounds}{trials}`"
+    most = f" --max-pairs {args.max_pairs}" if args.max_pairs else ""
+    command = (f"`python benchmarks/gate_experiments.py analyze {' '.join(args.data)} --name {args.name}{rounds}{most}{trials}`"
                + (f" (first {args.rounds} rounds of each session)" if args.rounds else ""))
-    design = (f"Each compare: kvbench compare's smoke plan, {report['plan']['pairs']} pairs, up to "
+    plan = "kvbench compare's smoke plan" if not args.max_pairs else f"the smoke plan with --max-pairs {args.max_pairs}"
+    design = (f"Each compare: {plan}, {report['plan']['pairs']} pairs, up to "
               f"{report['plan']['max_pairs']} while a test is unknown; disjoint groups of consecutive pairs of one "
               "long run with `python3 -c 'while True: pass'` on one core all along, each pair two sessions "
               "interleaved round by round as compare runs them. Median pair "
@@ -479,6 +481,9 @@ def main() -> int:
     analyze.add_argument("data", nargs="+")
     analyze.add_argument("--name", required=True)
     analyze.add_argument("--rounds", type=int, default=None, help="use only the first N rounds of each session")
+    analyze.add_argument("--max-pairs", type=int, default=None,
+                         help="judge with the smoke plan's first look but up to N pairs while a test is unknown "
+                              "(what a longer smoke compare would tell; default: the smoke plan's own)")
     analyze.add_argument("--thorough-trials", type=int, default=0, help="bootstrap compares per pair count at 5%%")
     analyze.set_defaults(func=cmd_analyze)
     timed = sub.add_parser("timed")
