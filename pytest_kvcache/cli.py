@@ -19,7 +19,8 @@ from pytest_kvcache.traces import TraceSpec, load_jsonl, save_jsonl, synthetic
 
 SMOKE_ARGS = ["suites/", "-m", "smoke", "--kv-rounds", "10"]  # test_decode's smoke strategies; at 5 rounds a
 # planted 10% was found in 16 of 21 verdicts against 19 of 21 at 10 (gate-decode3-first5.md, gate-decode3.md)
-SMOKE_PAIRS = (12, 20)  # initial and most pairs of a smoke compare (benchmarks/results/gate-decode3.md)
+SMOKE_PAIRS = (12, 28)  # initial and most pairs of a smoke compare: up to 20, a planted 10% was found in 59 of 69
+# verdicts, up to 28 in 59 of 60, and 28 pairs took at most 547 s (gate-smoke-pooled.md, gate-smoke-pooled-28.md)
 THOROUGH = (40, 80)  # --thorough: a bootstrap of the smoke selection finds a planted 5% in 94% of compares at 40
 # pairs (benchmarks/results/gate-decode3.md)
 
