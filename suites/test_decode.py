@@ -1,7 +1,7 @@
 """Decode-heavy serving: 8 requests of 64 prompt tokens that arrive together and decode about 64 tokens each, so
 the decode step is most of every round. Its three smoke strategies are the whole smoke selection that `kvbench
 compare` runs on pull requests: a pair of sessions of them (10 interleaved rounds each) takes about 17 s on 2 cores
-beside a busy process, so a compare of 12-28 pairs takes 3-9 minutes (benchmarks/results/gate-smoke-pooled-28.md).
+beside a busy process, so a compare of 12-28 pairs takes 3-10 minutes (benchmarks/results/gate-smoke-pooled-28.md).
 test_memory's 8 x (384 -> 32), the earlier smoke selection, is mostly prefill: a 10% slower step moved its E2E by
 3.9%, and a pair of its 8 tests took 74 s (benchmarks/results/gate-10rounds.md)."""
 
