@@ -4,7 +4,8 @@ a 3x faster TTFT: unchanged code must pass, the edited test must fail, alone, wi
     python benchmarks/make_bench_busy.py CLONE --runs 3 [--edit TEST_ID]
 
 CLONE is a fresh `git clone` of this repository (its .venv is made by the first `make bench`). Writes
-benchmarks/results/make_bench_busy.md and .json here; the clone's baselines are restored after the edited run.
+benchmarks/results/cpu/bench-busy/make_bench_busy-COMMIT.md and .json here (refusing to overwrite them) and each
+run's log beside them; the clone's baselines are restored after the edited run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "cpu" / "bench-busy"
 SUMMARY = re.compile(r"=+ (?P<text>.*\d+ (passed|failed).*) in [\d.]+s")
 
 
@@ -75,18 +76,22 @@ def main() -> int:
     clone = args.clone.resolve()
     commit = subprocess.run(["git", "-C", str(clone), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, check=True).stdout.strip()
-    runs = [run_bench(clone, clone / f"bench-{i + 1}.log") for i in range(args.runs)]
+    stem = RESULTS / f"make_bench_busy-{commit}"
+    if stem.with_suffix(".md").exists():
+        parser.error(f"{stem}.md exists: move it away to measure {commit} again")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    runs = [run_bench(clone, RESULTS / f"bench-{i + 1}-{commit}.log") for i in range(args.runs)]
     path = edit_ttft(clone, args.edit)
     try:
-        edited = run_bench(clone, clone / "bench-edited.log")
+        edited_log = RESULTS / f"bench-edited-{commit}.log"
+        edited = run_bench(clone, edited_log)
         message = re.search(r"KV-cache benchmark regression in .*?accept the new numbers: add --kv-update-baselines",
-                            (clone / "bench-edited.log").read_text(), re.DOTALL)
+                            edited_log.read_text(), re.DOTALL)
         edited["message"] = message.group(0) if message else None
     finally:
         subprocess.run(["git", "-C", str(clone), "checkout", "--", str(path.relative_to(clone))], check=True)
     record = {"commit": commit, "runs": runs, "edited": {"test": args.edit, **edited}}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "make_bench_busy.json").write_text(json.dumps(record, indent=1) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     how = (f"`python benchmarks/make_bench_busy.py CLONE --runs {args.runs}` on a fresh clone at {commit}, with "
            "`python3 -c 'while True: pass'` running beside each `make bench`.")
     lines = ["# make bench with a busy neighbour", "", how, "",
@@ -98,7 +103,7 @@ def main() -> int:
                      f"{r['not_comparable']} | {r['others_busy_cpus']} |")
     if edited.get("message"):
         lines += ["", "The failing test's message:", "", "```", edited["message"], "```"]
-    (RESULTS / "make_bench_busy.md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
