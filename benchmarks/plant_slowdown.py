@@ -2,9 +2,10 @@
 
 Loaded on both sides of a compare with `-p benchmarks.plant_slowdown`; only sessions whose environment sets
 KVBENCH_PLANT_SLOWDOWN (a fraction, e.g. 0.1 for 10%) are slowed, so the base side stays as it is. The wrapped
-`HFEngine._decode` busy-waits `factor` times the CPU time the step itself took, on this thread's CPU clock, so the
-planted cost is real CPU work of the step's own size and is not inflated by descheduling. Nothing in the product
-code knows about it.
+`HFEngine._decode` busy-waits `factor` times the time the step itself took: on CPU the thread's CPU clock, so the
+planted cost is real CPU work of the step's own size and is not inflated by descheduling; on CUDA the wall clock
+(the step ends in a device sync, and its time is the GPU's, not the thread's). Nothing in the product code knows
+about it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ VARIABLE = "KVBENCH_PLANT_SLOWDOWN"
 def _slowed(decode, factor: float):
     @functools.wraps(decode)
     def step(self, *args, **kwargs):
-        start = time.thread_time()
+        clock = time.perf_counter if self.model.device.type == "cuda" else time.thread_time
+        start = clock()
         out = decode(self, *args, **kwargs)
-        until = time.thread_time() + factor * (time.thread_time() - start)
-        while time.thread_time() < until:
+        until = clock() + factor * (clock() - start)
+        while clock() < until:
             pass
         return out
 
