@@ -11,7 +11,9 @@ by round, the leading side drawn; the other variants take turns, each once per c
 named twice in --variants comes twice per cycle: A/A compares run to the most pairs, so they need more). A and B are
 plain sessions of the two checkouts, Sxx are sessions of the second checkout whose decode step is planted xx%
 slower (benchmarks/plant_slowdown.py, through KVBENCH_PLANT_SLOWDOWN). Every session's per-round values are appended
-to DATA/sessions.jsonl, so a run can be stopped and resumed.
+to DATA/sessions.jsonl, so a run can be stopped and resumed; a finished run is committed packed (`gzip -9
+DATA/sessions.jsonl`: the runs' records are 40 MB as text, more than a device call carries beside the tree), and
+`analyze` reads either form.
 
 `analyze` forms the pairs (A, B) for A/A and (A, Sxx) for power from the blocks, and cuts each stream into
 disjoint groups of consecutive pairs, each judged by compare's own adaptive rule and verdicts (kvbench compare's
@@ -22,6 +24,7 @@ a planted slowdown and records its wall time and verdicts.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -61,6 +64,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 NOISE_METRICS = ("tpot_ms", "e2e_ms", "cpu_ms_per_token")
 PROJECTED_ROUNDS = 10  # the noise table projects a pair of this many interleaved rounds
 VARIABLE = "KVBENCH_PLANT_SLOWDOWN"
+PACKED = "sessions.jsonl.gz"
 
 
 def variant_env(name: str) -> dict[str, str]:
@@ -123,7 +127,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
     data = Path(args.data).resolve()  # a session changes into its tree before it opens its log (forkserver._child)
     data.mkdir(parents=True, exist_ok=True)
     index = data / "sessions.jsonl"
-    done = [json.loads(line) for line in index.read_text().splitlines()] if index.exists() else []
+    if (data / PACKED).exists():
+        raise SystemExit(f"{data / PACKED} is a finished, packed run: gunzip it to resume the run")
+    done = read_index(data)
     complete = {r["block"] for r in done}
     variants = args.variants.split(",")
     pytest_args = args.pytest_args or [*SMOKE_ARGS, "-p", "benchmarks.plant_slowdown"]
@@ -182,12 +188,23 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_index(folder: Path) -> list[dict]:
+    """A run's session records: sessions.jsonl while it runs, sessions.jsonl.gz once packed for the repository."""
+    if (folder / PACKED).exists():
+        with gzip.open(folder / PACKED, "rt") as packed:
+            return [json.loads(line) for line in packed]
+    index = folder / "sessions.jsonl"
+    return [json.loads(line) for line in index.read_text().splitlines()] if index.exists() else []
+
+
 def load(folders: list[str]) -> dict[str, dict[int, dict]]:
     """variant -> block -> session record, over every DATA folder (blocks renumbered to stay distinct)."""
     out: dict[str, dict[int, dict]] = {}
     offset = 0
     for folder in folders:
-        records = [json.loads(line) for line in (Path(folder) / "sessions.jsonl").read_text().splitlines()]
+        records = read_index(Path(folder))
+        if not records:
+            raise SystemExit(f"{folder}: no sessions.jsonl or {PACKED} with records")
         for r in records:
             out.setdefault(r["variant"], {})[offset + r["block"]] = r
         offset += 1 + max(r["block"] for r in records)
