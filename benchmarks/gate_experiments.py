@@ -64,7 +64,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 NOISE_METRICS = ("tpot_ms", "e2e_ms", "cpu_ms_per_token")
 PROJECTED_ROUNDS = 10  # the noise table projects a pair of this many interleaved rounds
 VARIABLE = "KVBENCH_PLANT_SLOWDOWN"
-PACKED = "sessions.jsonl.gz"
+INDEX = "sessions.jsonl"  # appended to while a run goes on
+PACKED = f"{INDEX}.gz"  # the same records once the run is packed for the repository
 
 
 def variant_env(name: str) -> dict[str, str]:
@@ -126,7 +127,7 @@ def compact(session) -> dict:
 def cmd_collect(args: argparse.Namespace) -> int:
     data = Path(args.data).resolve()  # a session changes into its tree before it opens its log (forkserver._child)
     data.mkdir(parents=True, exist_ok=True)
-    index = data / "sessions.jsonl"
+    index = data / INDEX
     if (data / PACKED).exists():
         raise SystemExit(f"{data / PACKED} is a finished, packed run: gunzip it to resume the run")
     done = read_index(data)
@@ -193,7 +194,7 @@ def read_index(folder: Path) -> list[dict]:
     if (folder / PACKED).exists():
         with gzip.open(folder / PACKED, "rt") as packed:
             return [json.loads(line) for line in packed]
-    index = folder / "sessions.jsonl"
+    index = folder / INDEX
     return [json.loads(line) for line in index.read_text().splitlines()] if index.exists() else []
 
 
@@ -204,7 +205,7 @@ def load(folders: list[str]) -> dict[str, dict[int, dict]]:
     for folder in folders:
         records = read_index(Path(folder))
         if not records:
-            raise SystemExit(f"{folder}: no sessions.jsonl or {PACKED} with records")
+            raise SystemExit(f"{folder}: no {INDEX} or {PACKED} with records")
         for r in records:
             out.setdefault(r["variant"], {})[offset + r["block"]] = r
         offset += 1 + max(r["block"] for r in records)
