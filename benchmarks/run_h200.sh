@@ -11,6 +11,11 @@
 #                                                        # file, then the sweep's budget/prompt/capacity studies (~9 min)
 #   OUT=/tmp/h200 bash benchmarks/run_h200.sh tune       # decode benchmarks, CUDA tests, step profiles (~9 min)
 #   OUT=/tmp/h200 bash benchmarks/run_h200.sh sweep-rest # the sweep's prompt-length and capacity studies (~5 min)
+#   PLANT=10 OUT=/tmp/h200 bash benchmarks/run_h200.sh compare   # kvbench compare HEAD HEAD --gpu of the smoke
+#                                                        # selection's tests matching COMPARE_K (default tiny),
+#                                                        # PAIRS pairs (default 12), the head's decode step planted
+#                                                        # PLANT% slower (0: A/A); its compare.json and markdown
+#                                                        # land in $OUT (limit COMPARE_LIMIT, default 560 s)
 #   OUT=/tmp/h200 bash benchmarks/run_h200.sh all        # the whole GPU suite (`pytest suites/ --gpu`) in one
 #                                                        # session, timed, re-recording every baseline it runs
 #                                                        # into a copy of baselines/nvidia-h200/ (limit 570 s)
@@ -18,6 +23,10 @@
 # Baselines and results are written as each test finishes, so a step cut off by its limit keeps what it measured.
 set -uo pipefail
 PHASE=${1:-serving}
+case $PHASE in
+serving | scale | study | rest | tune | sweep-rest | compare | all) ;;
+*) echo "run_h200.sh: unknown phase '$PHASE' (serving, scale, study, rest, tune, sweep-rest, compare, all)" >&2; exit 2 ;;
+esac
 OUT=${OUT:-results/h200}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -64,12 +73,22 @@ elif [ "$PHASE" = tune ]; then
     cat "$OUT/gpu-decode.md" 2>/dev/null || tail -n 30 "$OUT/gpu-decode.log"
     tail -n 25 "$OUT/cuda-tests.log"
     grep -h "^## Profile" "$OUT/gpu-profile.md" 2>/dev/null
+elif [ "$PHASE" = compare ]; then
+    [ -d .git ] || { git init -q && git add -A && git -c user.name=kv -c user.email=kv@localhost commit -qm tree; }
+    PLANT=${PLANT:-0}
+    runs=$(mktemp -d)  # compare's own folder holds every session's log: more files than a device call brings back
+    step "compare-s$PLANT" "${COMPARE_LIMIT:-560}" $PY -m pytest_kvcache.cli compare HEAD HEAD --gpu \
+        --pairs "${PAIRS:-12}" --max-pairs "${PAIRS:-12}" --head-env "KVBENCH_PLANT_SLOWDOWN=$(awk "BEGIN {print $PLANT / 100}")" --output "$runs" \
+        --markdown "$OUT/compare-s$PLANT.md" -- suites/test_decode.py -m smoke -k "${COMPARE_K:-tiny}" --kv-rounds 10 \
+        -p benchmarks.plant_slowdown
+    cp "$runs/compare.json" "$OUT/compare-s$PLANT.json" 2>/dev/null
+    cat "$OUT/compare-s$PLANT.md" 2>/dev/null || tail -n 20 "$OUT/compare-s$PLANT.log"
 elif [ "$PHASE" = sweep-rest ]; then
     step characterization-rest "${SWEEP_LIMIT:-300}" $PY -m pytest suites/test_characterization.py -m sweep --gpu \
         -p no:cacheprovider -rs --durations=0 -k "${SWEEP_K:-test_prompt_length or test_capacity}" \
         --kv-results "$OUT/characterization"
     tail -n 40 "$OUT/characterization-rest.log"
-else
+elif [ "$PHASE" = scale ]; then
     suite gpu-scale 200 suites/test_gpu_scale.py suites/test_vllm.py suites/test_quality.py
     step gpu-decode 200 $PY benchmarks/gpu_decode.py --out "$OUT/gpu-decode"
     step cache-speedup 45 $PY benchmarks/cache_speedup.py --gpu --out "$OUT/cache-speedup"
