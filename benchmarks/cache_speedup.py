@@ -19,6 +19,7 @@ import torch
 
 from pytest_kvcache.engines.hf import HFEngine
 from pytest_kvcache.models import load_model
+from pytest_kvcache.quality import first_divergence
 from pytest_kvcache.results import write_json_atomic
 from pytest_kvcache.strategies import parse_strategy
 from pytest_kvcache.traces import Request, Trace
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(model.dtype), "threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "rows": rows, "none_over_full": none["seconds"] / full["seconds"],
         "same_tokens": full["tokens"] == none["tokens"],
+        "agreeing_tokens": first_divergence(full["tokens"], none["tokens"]),
     }
     write_json_atomic(out.with_suffix(".json"), report)
     table = "\n".join([
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.new_tokens} greedy tokens, median of {args.repeats} replays.", "",
         "| strategy | seconds | tokens/s |", "|---|---|---|",
         *[f"| {r['strategy']} | {r['seconds']:.2f} | {args.new_tokens / r['seconds']:.1f} |" for r in rows], "",
-        f"none / full = {report['none_over_full']:.2f}x; same greedy tokens: {report['same_tokens']}", "",
+        f"none / full = {report['none_over_full']:.2f}x; same greedy tokens: {report['same_tokens']} "
+        f"(the first {report['agreeing_tokens']} of {len(full['tokens'])} agree)", "",
     ])
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text(table)
