@@ -76,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(out.with_suffix(".json"), report)
     table = "\n".join([
         f"# What a KV cache buys: {name} on {report['device']} ({report['dtype']})", "",
-        f"`{report['command']}` ({report['created']}): one request, {args.prompt_len} prompt tokens, "
-        f"{args.new_tokens} greedy tokens, median of {args.repeats} replays.", "",
+        (f"`{report['command']}` ({report['created']}): one request, {args.prompt_len} prompt tokens, "
+         f"{args.new_tokens} greedy tokens, median of {args.repeats} replays."), "",
         "| strategy | seconds | tokens/s |", "|---|---|---|",
         *[f"| {r['strategy']} | {r['seconds']:.2f} | {args.new_tokens / r['seconds']:.1f} |" for r in rows], "",
-        f"none / full = {report['none_over_full']:.2f}x; same greedy tokens: {report['same_tokens']} "
-        f"(the first {report['agreeing_tokens']} of {len(full['tokens'])} agree)", "",
+        (f"none / full = {report['none_over_full']:.2f}x; same greedy tokens: {report['same_tokens']} "
+         f"(the first {report['agreeing_tokens']} of {len(full['tokens'])} agree)"), "",
     ])
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text(table)
