@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": name, "device": torch.cuda.get_device_name() if args.gpu else platform.processor() or "cpu",
         "dtype": str(model.dtype), "threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "rows": rows, "none_over_full": none["seconds"] / full["seconds"],
-        "same_tokens": full["tokens"] == none["tokens"],
         "agreeing_tokens": first_divergence(full["tokens"], none["tokens"]),
     }
+    report["same_tokens"] = report["agreeing_tokens"] == len(full["tokens"])
     write_json_atomic(out.with_suffix(".json"), report)
     table = "\n".join([
         f"# What a KV cache buys: {name} on {report['device']} ({report['dtype']})", "",
